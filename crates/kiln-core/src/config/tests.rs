@@ -1,0 +1,792 @@
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use expect_test::{Expect, expect};
+
+use super::{Source, bake_order, load};
+use crate::model::{Base, Config, Script, Step, Strategy, VarOverride, VarSource};
+
+/// The example from PRODUCT.md, verbatim.
+const PRODUCT_EXAMPLE: &str = r#"project = "shop"
+
+variable "replicas" { default = 3 }
+
+image "web" {
+  base = "scratch"                 # or another image ("image.base"), "tar:./rootfs.tar", "dir:./rootfs"
+  provisioner "file" {
+    source      = "build/web"
+    destination = "/app/web"
+    mode        = "0755"
+  }
+  provisioner "shell" { inline = ["mkdir -p /app/data"] }   # runs sandboxed inside the image root
+  entrypoint = ["/app/web"]
+  env        = { RUST_LOG = "info" }
+  labels     = { team = "storefront" }
+}
+
+service "web" {
+  image     = image.web
+  instances = var.replicas
+  port      = 8080                 # the app's port; the local runtime assigns a host port and sets PORT
+  env       = { GREETING = "hello" }
+
+  health {
+    path = "/healthz"
+    interval = "1s"
+    timeout = "500ms"
+    healthy_threshold = 2
+    unhealthy_threshold = 3
+  }
+
+  rollout {
+    strategy = "canary"            # rolling | blue_green | canary
+    steps    = [{ weight = 10, pause = "30s" }, { weight = 50, pause = "30s" }]
+    analysis {
+      interval = "5s"
+      max_error_rate = 0.01
+      max_p99_latency = "300ms"
+      min_requests = 50
+    }
+    auto_rollback     = true
+    scale_down_delay  = "5m"       # old release stays warm for instant rollback
+    progress_deadline = "10m"
+  }
+}
+
+balancer "public" {
+  listen = "127.0.0.1:8080"
+  route {
+    path_prefix = "/"
+    service = service.web
+  }
+}
+"#;
+
+fn source(text: &str) -> Source {
+    Source {
+        name: "kiln.hcl".into(),
+        text: text.into(),
+    }
+}
+
+fn flag(name: &str, value: &str) -> VarOverride {
+    VarOverride {
+        name: name.into(),
+        value: value.into(),
+        source: VarSource::Flag,
+    }
+}
+
+fn env(name: &str, value: &str) -> VarOverride {
+    VarOverride {
+        source: VarSource::Env,
+        ..flag(name, value)
+    }
+}
+
+fn load_ok(text: &str, overrides: &[VarOverride]) -> Config {
+    let (config, diags) = load(&source(text), overrides);
+    let rendered: Vec<String> = diags.iter().map(ToString::to_string).collect();
+    assert!(diags.is_empty(), "{}", rendered.join("\n"));
+    config.unwrap()
+}
+
+/// Loads `text` and compares every rendered diagnostic with `expected`; the config must be
+/// refused when any of them is an error.
+fn check(text: &str, overrides: &[VarOverride], expected: &Expect) {
+    let (config, diags) = load(&source(text), overrides);
+    let errors = diags.iter().any(|d| d.is_error());
+    assert_eq!(
+        config.is_some(),
+        !errors,
+        "a config comes back exactly when there is no error"
+    );
+    let rendered: Vec<String> = diags.iter().map(ToString::to_string).collect();
+    expected.assert_eq(&rendered.join("\n\n"));
+}
+
+const WEB: &str = "project = \"shop\"\nimage \"web\" {}\n";
+
+#[test]
+fn product_example_loads_cleanly() {
+    let config = load_ok(PRODUCT_EXAMPLE, &[]);
+    assert_eq!(config.project, "shop");
+    assert_eq!(config.variables["replicas"].value, serde_json::json!(3));
+    assert_eq!(config.variables["replicas"].source, VarSource::Default);
+    assert_eq!(config.variables["replicas"].loc.to_string(), "kiln.hcl:3:1");
+
+    let web = &config.images["web"];
+    assert_eq!(web.base, Base::Scratch);
+    assert_eq!(web.loc.to_string(), "kiln.hcl:5:1");
+    assert_eq!(web.base_loc.to_string(), "kiln.hcl:6:10");
+    let Step::File(file) = &web.provisioners[0].step else {
+        panic!("first provisioner is the file one");
+    };
+    assert_eq!(
+        (file.destination.as_str(), file.mode),
+        ("/app/web", Some(0o755))
+    );
+    assert_eq!(file.source_loc.to_string(), "kiln.hcl:8:19");
+    assert_eq!(web.provisioners[1].loc.to_string(), "kiln.hcl:12:3");
+    let Step::Shell(shell) = &web.provisioners[1].step else {
+        panic!("second provisioner is the shell one");
+    };
+    assert_eq!(
+        shell.script,
+        Script::Inline(vec!["mkdir -p /app/data".into()])
+    );
+    assert!(!shell.network);
+    assert_eq!(web.run.entrypoint, Some(vec!["/app/web".into()]));
+    assert_eq!(web.run.env["RUST_LOG"], "info");
+    assert_eq!(web.run.labels["team"], "storefront");
+
+    let svc = &config.services["web"];
+    assert_eq!(
+        (svc.image.as_str(), svc.instances, svc.port),
+        ("web", 3, 8080)
+    );
+    assert_eq!(svc.env["GREETING"], "hello");
+    let health = svc.health.as_ref().unwrap();
+    assert_eq!(health.path, "/healthz");
+    assert_eq!(health.timeout, Duration::from_millis(500));
+    let rollout = &svc.rollout;
+    assert_eq!(rollout.strategy, Strategy::Canary);
+    let steps: Vec<_> = rollout.steps.iter().map(|s| (s.weight, s.pause)).collect();
+    let thirty = Some(Duration::from_secs(30));
+    assert_eq!(steps, [(10, thirty), (50, thirty)]);
+    let analysis = rollout.analysis.as_ref().unwrap();
+    assert_eq!(analysis.interval, Duration::from_secs(5));
+    assert_eq!(analysis.max_error_rate, Some(0.01));
+    assert_eq!(analysis.max_p99_latency, Some(Duration::from_millis(300)));
+    assert_eq!((analysis.min_requests, analysis.failure_limit), (50, 0));
+    assert_eq!(rollout.scale_down_delay, Duration::from_secs(300));
+    assert_eq!(rollout.min_healthy_time, Duration::from_secs(10));
+    assert_eq!((rollout.auto_rollback, rollout.auto_promote), (true, false));
+
+    let public = &config.balancers["public"];
+    assert_eq!(public.listen, "127.0.0.1:8080");
+    assert_eq!(public.routes.len(), 1);
+    assert_eq!(public.routes[0].service, "web");
+    assert_eq!(public.routes[0].path_prefix, "/");
+    assert_eq!(public.loc.to_string(), "kiln.hcl:47:1");
+}
+
+#[test]
+fn defaults_apply_when_blocks_are_left_out() {
+    let config = load_ok(
+        "project = \"p\"\nimage \"web\" {}\nservice \"web\" {\n  image = \"image.web\"\n  port = 80\n  health {}\n}\n",
+        &[],
+    );
+    let svc = &config.services["web"];
+    assert_eq!(svc.instances, 1);
+    let health = svc.health.as_ref().unwrap();
+    assert_eq!(
+        (health.path.as_str(), health.interval),
+        ("/", Duration::from_secs(2))
+    );
+    assert_eq!(
+        (health.healthy_threshold, health.unhealthy_threshold),
+        (2, 3)
+    );
+    assert_eq!(svc.rollout.strategy, Strategy::Rolling);
+    assert_eq!(svc.rollout.progress_deadline, Duration::from_secs(600));
+    assert_eq!(svc.rollout.healthy_deadline, Duration::from_secs(300));
+    assert_eq!(svc.rollout.max_parallel, 1);
+}
+
+#[test]
+fn three_mistakes_three_diagnostics() {
+    check(
+        r#"project = "shop"
+image "web" {
+  bsae = "scratch"
+}
+service "web" {
+  image = image.wbe
+  port  = 8080
+  health { interval = 30 }
+}
+"#,
+        &[],
+        &expect![[r#"
+            kiln.hcl:3:3: error: unknown attribute `bsae` in image block
+              |
+            3 |   bsae = "scratch"
+              |   ^^^^
+              = help: did you mean `base`?
+
+            kiln.hcl:6:11: error: unknown image `wbe`
+              |
+            6 |   image = image.wbe
+              |           ^^^^^^^^^
+              = help: did you mean `web`?
+
+            kiln.hcl:8:23: error: expected a duration such as "30s", found number 30
+              |
+            8 |   health { interval = 30 }
+              |                       ^^"#]],
+    );
+}
+
+#[test]
+fn references_inside_templates_are_checked() {
+    check(
+        "project = \"p-${var.nmae}\"\nvariable \"name\" { default = \"x\" }\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:1:16: error: unknown variable `nmae`
+              |
+            1 | project = "p-${var.nmae}"
+              |                ^^^^^^^^
+              = help: did you mean `name`?"#]],
+    );
+    let config = load_ok(
+        "project = \"p-${var.name}\"\nvariable \"name\" { default = \"x\" }\n",
+        &[],
+    );
+    assert_eq!(config.project, "p-x");
+}
+
+const REPLICAS: &str = "project = \"p\"\nvariable \"replicas\" { default = 3 }\n";
+
+#[test]
+fn flags_beat_env_beat_defaults() {
+    let value = |overrides: &[VarOverride]| {
+        let var = &load_ok(REPLICAS, overrides).variables["replicas"];
+        (var.value.clone(), var.source)
+    };
+    assert_eq!(value(&[]), (serde_json::json!(3), VarSource::Default));
+    assert_eq!(
+        value(&[env("replicas", "4")]),
+        (serde_json::json!(4), VarSource::Env)
+    );
+    assert_eq!(
+        value(&[flag("replicas", "5"), env("replicas", "4")]),
+        (serde_json::json!(5), VarSource::Flag)
+    );
+    assert_eq!(
+        value(&[
+            env("replicas", "4"),
+            flag("replicas", "5"),
+            flag("replicas", "6")
+        ]),
+        (serde_json::json!(6), VarSource::Flag)
+    );
+}
+
+#[test]
+fn overrides_take_the_declared_type() {
+    let text = r#"project = "p"
+variable "tags" { type = "list" }
+variable "debug" { type = bool }
+variable "name" {}
+variable "limits" { default = { cpu = 1 } }
+"#;
+    let config = load_ok(
+        text,
+        &[
+            flag("tags", r#"["a", "b"]"#),
+            env("debug", "true"),
+            flag("name", "42"),
+            flag("limits", "{ cpu = 2, mem = \"1G\" }"),
+            env("undeclared", "ignored"),
+        ],
+    );
+    let value = |n: &str| config.variables[n].value.clone();
+    assert_eq!(value("tags"), serde_json::json!(["a", "b"]));
+    assert_eq!(value("debug"), serde_json::json!(true));
+    assert_eq!(value("name"), serde_json::json!("42"));
+    assert_eq!(
+        value("limits"),
+        serde_json::json!({ "cpu": 2, "mem": "1G" })
+    );
+}
+
+#[test]
+fn bad_override_values_name_the_flag() {
+    check(
+        REPLICAS,
+        &[flag("replicas", "abc")],
+        &expect![[r#"
+            kiln.hcl:0:0: error: -var replicas=abc: expected a number
+              = help: `replicas` is declared at kiln.hcl:2:1"#]],
+    );
+    check(
+        "project = \"p\"\nvariable \"token\" {\n  type = \"number\"\n  sensitive = true\n}\n",
+        &[env("token", "s3cret")],
+        &expect![[r#"
+            kiln.hcl:0:0: error: KILN_VAR_token=(sensitive): expected a number
+              = help: `token` is declared at kiln.hcl:2:1"#]],
+    );
+}
+
+#[test]
+fn undeclared_flag_is_an_error() {
+    check(
+        REPLICAS,
+        &[flag("replica", "2")],
+        &expect![[r#"
+            kiln.hcl:0:0: error: -var replica: no variable `replica` is declared
+              = help: did you mean `replicas`?"#]],
+    );
+}
+
+#[test]
+fn variable_without_value_and_its_uses() {
+    // The use of `var.port` is not reported again: the variable's own error says it all.
+    check(
+        "project = \"p\"\nvariable \"port\" { type = \"number\" }\nimage \"web\" {}\nservice \"web\" {\n  image = image.web\n  port = var.port\n}\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:1: error: variable `port` has no value; set it with -var port=… or KILN_VAR_port
+              |
+            2 | variable "port" { type = "number" }
+              | ^^^^^^^^^^^^^^^"#]],
+    );
+}
+
+#[test]
+fn variable_defaults_are_literal_and_typed() {
+    check(
+        "project = \"p\"\nvariable \"a\" { default = var.b }\nvariable \"b\" {\n  type = \"number\"\n  default = \"x\"\n}\nvariable \"c\" { type = \"numbr\" }\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:26: error: a variable default must be a literal value, not a reference
+              |
+            2 | variable "a" { default = var.b }
+              |                          ^^^^^
+
+            kiln.hcl:5:13: error: expected a number, found string "x"
+              |
+            5 |   default = "x"
+              |             ^^^
+
+            kiln.hcl:7:1: error: variable `c` has no value; set it with -var c=… or KILN_VAR_c
+              |
+            7 | variable "c" { type = "numbr" }
+              | ^^^^^^^^^^^^
+
+            kiln.hcl:7:23: error: expected a type, one of `string`, `number`, `bool`, `list` or `map`
+              |
+            7 | variable "c" { type = "numbr" }
+              |                       ^^^^^^^
+              = help: did you mean `number`?"#]],
+    );
+}
+
+#[test]
+fn missing_required_attributes_point_at_the_block() {
+    check(
+        "image \"web\" {}\nservice \"web\" { image = image.web }\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:1:1: error: missing required attribute `project`
+              |
+            1 | image "web" {}
+              | ^
+            
+            kiln.hcl:2:1: error: missing required attribute `port` in service block
+              |
+            2 | service "web" { image = image.web }
+              | ^^^^^^^^^^^^^"#]],
+    );
+}
+
+#[test]
+fn bad_base_lists_the_accepted_forms() {
+    check(
+        "project = \"p\"\nimage \"web\" { base = \"ubuntu:24.04\" }\nimage \"api\" { base = \"image.wbe\" }\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:22: error: expected a base such as "scratch", image.NAME, "tar:PATH", "dir:PATH" or "oci:PATH[:TAG]", found string "ubuntu:24.04"
+              |
+            2 | image "web" { base = "ubuntu:24.04" }
+              |                      ^^^^^^^^^^^^^^
+
+            kiln.hcl:3:22: error: unknown image `wbe`
+              |
+            3 | image "api" { base = "image.wbe" }
+              |                      ^^^^^^^^^^^
+              = help: did you mean `web`?"#]],
+    );
+}
+
+#[test]
+fn base_cycles_are_reported_at_each_image() {
+    check(
+        "project = \"p\"\nimage \"a\" { base = image.b }\nimage \"b\" { base = \"image.a\" }\nimage \"c\" { base = image.a }\nimage \"d\" { base = image.d }\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:20: error: image `a` depends on itself: a → b → a
+              |
+            2 | image "a" { base = image.b }
+              |                    ^^^^^^^
+            
+            kiln.hcl:3:20: error: image `b` depends on itself: b → a → b
+              |
+            3 | image "b" { base = "image.a" }
+              |                    ^^^^^^^^^
+            
+            kiln.hcl:5:20: error: image `d` depends on itself: d → d
+              |
+            5 | image "d" { base = image.d }
+              |                    ^^^^^^^"#]],
+    );
+}
+
+#[test]
+fn unknown_blocks_and_misplaced_items() {
+    check(
+        "project = \"p\"\nimgae \"web\" {}\nimage \"web\" {\n  provisioner \"fiel\" {}\n  env { A = 1 }\n}\nimage \"web\" {}\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:1: error: unknown block type `imgae`
+              |
+            2 | imgae "web" {}
+              | ^^^^^
+              = help: did you mean `image`?
+            
+            kiln.hcl:4:15: error: unknown provisioner type `fiel`
+              |
+            4 |   provisioner "fiel" {}
+              |               ^^^^^^
+              = help: did you mean `file`?
+            
+            kiln.hcl:5:3: error: `env` is an attribute, not a block
+              |
+            5 |   env { A = 1 }
+              |   ^^^
+              = help: write it as `env = …`
+            
+            kiln.hcl:7:7: error: image `web` is already declared at kiln.hcl:3:1
+              |
+            7 | image "web" {}
+              |       ^^^^^"#]],
+    );
+}
+
+#[test]
+fn syntax_errors_stop_with_a_location() {
+    check(
+        "project = \"p\"\nimage \"web\" {\n  cmd = [\"a\",\n}\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:4:1: error: syntax error: invalid expression; expected `"`, `[`, `{`, `-`, `!`, `(`, `_`, `<`, letter or digit
+              |
+            4 | }
+              | ^"#]],
+    );
+    check(
+        "project = \"p\"\nproject = \"q\"\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:1: error: attribute `project` is set twice in the same block
+              |
+            2 | project = "q"
+              | ^^^^^^^"#]],
+    );
+}
+
+#[test]
+fn provisioners_check_their_values() {
+    check(
+        r#"project = "p"
+image "web" {
+  provisioner "file" {
+    source = "a"
+    destination = "app"
+    mode = "0999"
+    owner = "root"
+  }
+  provisioner "shell" {}
+  provisioner "shell" {
+    inline = ["true"]
+    script = "x.sh"
+  }
+  ports = [8080, 0]
+}
+"#,
+        &[],
+        &expect![[r#"
+            kiln.hcl:5:19: error: expected an absolute path in the image, found string "app"
+              |
+            5 |     destination = "app"
+              |                   ^^^^^
+            
+            kiln.hcl:6:12: error: expected an octal mode from "0000" to "7777", such as "0755", found string "0999"
+              |
+            6 |     mode = "0999"
+              |            ^^^^^^
+            
+            kiln.hcl:7:13: error: expected a numeric owner such as "1000:1000" or 1000, found string "root"
+              |
+            7 |     owner = "root"
+              |             ^^^^^^
+            
+            kiln.hcl:9:3: error: shell provisioner needs `inline` or `script`
+              |
+            9 |   provisioner "shell" {}
+              |   ^^^^^^^^^^^^^^^^^^^
+            
+            kiln.hcl:12:5: error: set either `inline` or `script`, not both
+               |
+            12 |     script = "x.sh"
+               |     ^^^^^^
+            
+            kiln.hcl:14:18: error: expected an integer from 1 to 65535, found number 0
+               |
+            14 |   ports = [8080, 0]
+               |                  ^"#]],
+    );
+    let config = load_ok(
+        "project = \"p\"\nimage \"web\" {\n  base = \"oci:./layout:v1\"\n  provisioner \"file\" {\n    source = \"a\"\n    destination = \"/a\"\n    mode = 644\n    owner = \"1:2\"\n  }\n  provisioner \"shell\" { script = \"s.sh\" }\n}\n",
+        &[],
+    );
+    let web = &config.images["web"];
+    let Step::File(file) = &web.provisioners[0].step else {
+        panic!("file step");
+    };
+    assert_eq!(file.mode, Some(0o644));
+    assert_eq!(file.owner.map(|o| (o.uid, o.gid)), Some((1, 2)));
+    let Step::Shell(shell) = &web.provisioners[1].step else {
+        panic!("shell step");
+    };
+    let Script::File { path, loc } = &shell.script else {
+        panic!("script file");
+    };
+    assert_eq!(
+        (path.as_str(), loc.to_string()),
+        ("s.sh", "kiln.hcl:10:34".to_owned())
+    );
+}
+
+#[test]
+fn rollout_rules() {
+    let service = |rollout: &str| {
+        format!(
+            "{WEB}service \"web\" {{\n  image = image.web\n  port = 80\n  rollout {{\n{rollout}\n  }}\n}}\n"
+        )
+    };
+    check(
+        &service("    strategy = \"canary\""),
+        &[],
+        &expect![[r#"
+            kiln.hcl:7:16: error: a canary rollout needs at least one step
+              |
+            7 |     strategy = "canary"
+              |                ^^^^^^^^
+              = help: add steps = [{ weight = 10, pause = "30s" }, …]"#]],
+    );
+    check(
+        &service(
+            "    strategy = \"canary\"\n    steps = [{ weight = 50 }, { weight = 20, paus = \"1m\" }]",
+        ),
+        &[],
+        &expect![[r#"
+            kiln.hcl:8:42: error: canary weight 20 is lower than the previous step's 50; weights must not decrease
+              |
+            8 |     steps = [{ weight = 50 }, { weight = 20, paus = "1m" }]
+              |                                          ^^
+
+            kiln.hcl:8:46: error: unknown key `paus` in canary step
+              |
+            8 |     steps = [{ weight = 50 }, { weight = 20, paus = "1m" }]
+              |                                              ^^^^
+              = help: did you mean `pause`?"#]],
+    );
+    check(
+        &service("    strategy = \"blue-green\"\n    steps = [{ weight = 101 }]"),
+        &[],
+        &expect![[r#"
+            kiln.hcl:7:16: error: expected "rolling", "blue_green" or "canary", found string "blue-green"
+              |
+            7 |     strategy = "blue-green"
+              |                ^^^^^^^^^^^^
+              = help: did you mean `blue_green`?
+
+            kiln.hcl:8:25: error: expected an integer from 0 to 100, found number 101
+              |
+            8 |     steps = [{ weight = 101 }]
+              |                         ^^^"#]],
+    );
+    check(
+        &service(
+            "    strategy = \"blue_green\"\n    steps = [{ weight = 10 }]\n    max_parallel = 0",
+        ),
+        &[],
+        &expect![[r#"
+            kiln.hcl:8:5: warning: `steps` only apply to the canary strategy and are ignored here
+              |
+            8 |     steps = [{ weight = 10 }]
+              |     ^^^^^
+            
+            kiln.hcl:9:20: error: expected an integer of at least 1, found number 0
+              |
+            9 |     max_parallel = 0
+              |                    ^"#]],
+    );
+}
+
+#[test]
+fn warnings_alone_still_load() {
+    let text = format!(
+        "{WEB}service \"web\" {{\n  image = image.web\n  port = 80\n  rollout {{ steps = [{{ weight = 10 }}] }}\n}}\n"
+    );
+    let (config, diags) = load(&source(&text), &[]);
+    assert_eq!(diags.len(), 1);
+    assert!(!diags[0].is_error());
+    assert!(config.is_some());
+}
+
+#[test]
+fn balancers_check_addresses_routes_and_services() {
+    check(
+        &format!(
+            "{WEB}service \"web\" {{\n  image = image.web\n  port = 80\n}}\nbalancer \"a\" {{\n  listen = \"localhost:80\"\n  route {{ service = service.wbe }}\n}}\nbalancer \"b\" {{ listen = \"127.0.0.1:80\" }}\nbalancer \"c\" {{\n  listen = \"127.0.0.1:80\"\n  route {{\n    path_prefix = \"api\"\n    service = \"web\"\n  }}\n}}\n"
+        ),
+        &[],
+        &expect![[r#"
+            kiln.hcl:8:12: error: expected an address such as "127.0.0.1:8080", found string "localhost:80"
+              |
+            8 |   listen = "localhost:80"
+              |            ^^^^^^^^^^^^^^
+
+            kiln.hcl:9:21: error: unknown service `wbe`
+              |
+            9 |   route { service = service.wbe }
+              |                     ^^^^^^^^^^^
+              = help: did you mean `web`?
+
+            kiln.hcl:11:1: error: balancer needs at least one `route` block
+               |
+            11 | balancer "b" { listen = "127.0.0.1:80" }
+               | ^^^^^^^^^^^^
+
+            kiln.hcl:13:12: error: balancer `b` already listens on 127.0.0.1:80
+               |
+            13 |   listen = "127.0.0.1:80"
+               |            ^^^^^^^^^^^^^^
+
+            kiln.hcl:15:19: error: expected a path starting with `/`, found string "api"
+               |
+            15 |     path_prefix = "api"
+               |                   ^^^^^
+
+            kiln.hcl:16:15: error: expected a reference such as service.NAME, found string "web"
+               |
+            16 |     service = "web"
+               |               ^^^^^
+              = help: did you mean service.web?"#]],
+    );
+}
+
+#[test]
+fn bake_order_puts_bases_first() {
+    let config = load_ok(
+        "project = \"p\"\nimage \"app\" { base = image.runtime }\nimage \"runtime\" { base = image.os }\nimage \"os\" {}\nimage \"tools\" { base = image.os }\nimage \"alone\" {}\n",
+        &[],
+    );
+    let order = |targets: &[&str]| {
+        let targets: Vec<String> = targets.iter().map(|t| (*t).to_owned()).collect();
+        bake_order(&config, &targets)
+    };
+    assert_eq!(
+        order(&[]).unwrap(),
+        ["alone", "os", "runtime", "app", "tools"]
+    );
+    assert_eq!(order(&["app"]).unwrap(), ["os", "runtime", "app"]);
+    assert_eq!(
+        order(&["tools", "alone"]).unwrap(),
+        ["alone", "os", "tools"]
+    );
+    assert_eq!(
+        order(&["ap"]).unwrap_err(),
+        "unknown image `ap`; did you mean `app`?"
+    );
+    assert_eq!(order(&["zzz"]).unwrap_err(), "unknown image `zzz`");
+}
+
+mod props {
+    #![allow(clippy::unwrap_used)]
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any non-decreasing list of weights from 0 to 100, with or without pauses, loads and
+        /// comes back as written.
+        #[test]
+        fn non_decreasing_weights_load(
+            mut weights in proptest::collection::vec(0u8..=100, 1..8),
+            pauses in proptest::collection::vec(proptest::option::of(1u64..3600), 8),
+        ) {
+            weights.sort_unstable();
+            let steps: Vec<String> = weights
+                .iter()
+                .zip(&pauses)
+                .map(|(w, p)| match p {
+                    Some(p) => format!("{{ weight = {w}, pause = \"{p}s\" }}"),
+                    None => format!("{{ weight = {w} }}"),
+                })
+                .collect();
+            let text = format!(
+                "{WEB}service \"web\" {{\n  image = image.web\n  port = 80\n  rollout {{\n    strategy = \"canary\"\n    steps = [{}]\n  }}\n}}\n",
+                steps.join(", ")
+            );
+            let config = load_ok(&text, &[]);
+            let got: Vec<(u8, Option<Duration>)> = config.services["web"]
+                .rollout
+                .steps
+                .iter()
+                .map(|s| (s.weight, s.pause))
+                .collect();
+            let want: Vec<(u8, Option<Duration>)> = weights
+                .iter()
+                .zip(&pauses)
+                .map(|(w, p)| (*w, p.map(Duration::from_secs)))
+                .collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
+
+#[test]
+fn expressions_evaluate_and_their_errors_point_at_them() {
+    let config = load_ok(
+        "project = \"p\"\nvariable \"l\" { default = [\"a\", \"b\"] }\nimage \"web\" {\n  cmd = [for s in var.l : \"${s}-x\" if s != \"b\"]\n  env = { N = 1, B = true }\n}\n",
+        &[],
+    );
+    let web = &config.images["web"].run;
+    assert_eq!(web.cmd, Some(vec!["a-x".to_owned()]));
+    assert_eq!(
+        (web.env["N"].as_str(), web.env["B"].as_str()),
+        ("1", "true")
+    );
+    check(
+        "project = upper(\"x\")\nvariable \"l\" { default = [\"a\"] }\nvariable \"m\" { default = { a = 1 } }\nimage \"web\" {\n  cmd = [for s in var.l : \"${s}-${var.m[\"a\"]}\"]\n  user = 1 + \"a\"\n  workdir = foo\n  env = { A = 1, B = true, C = [1] }\n}\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:1:11: error: cannot evaluate this expression: undefined function `upper`
+              |
+            1 | project = upper("x")
+              |           ^^^^^^^^^^
+
+            kiln.hcl:6:10: error: cannot evaluate this expression: binary operator `+` is not applicable to `1` and `"a"`
+              |
+            6 |   user = 1 + "a"
+              |          ^^^^^^^
+
+            kiln.hcl:7:13: error: unknown name `foo`
+              |
+            7 |   workdir = foo
+              |             ^^^
+              = help: references start with `var.`, `image.` or `service.`
+
+            kiln.hcl:8:32: error: expected a string, number or bool, found a list
+              |
+            8 |   env = { A = 1, B = true, C = [1] }
+              |                                ^^^"#]],
+    );
+}

@@ -1,0 +1,334 @@
+//! The typed model a `kiln.hcl` evaluates to.
+//!
+//! Everything here is plain data: values are already evaluated (variables substituted, durations
+//! parsed), references between blocks are names that [`crate::config::load`] has checked exist,
+//! and paths are kept exactly as written, relative to the directory of the config file.
+//! Locations ([`Loc`]) are kept where a later stage (bake, deploy) may need to point an error at
+//! the config line.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::diag::Loc;
+
+/// A whole evaluated config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// The project name; namespaces state, tags and resources.
+    pub project: String,
+    /// Every declared variable with the value it finally took.
+    pub variables: BTreeMap<String, Variable>,
+    /// Images by name.
+    pub images: BTreeMap<String, Image>,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Balancers by name.
+    pub balancers: BTreeMap<String, Balancer>,
+}
+
+/// A declared input variable.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Variable {
+    /// The value after overrides (`-var`, then `KILN_VAR_name`, then the default).
+    pub value: serde_json::Value,
+    /// Where the value came from.
+    pub source: VarSource,
+    /// Sensitive values are never printed.
+    pub sensitive: bool,
+    /// Where the variable is declared.
+    pub loc: Loc,
+}
+
+/// Where a variable's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VarSource {
+    /// The `default` in the `variable` block.
+    Default,
+    /// A `-var name=value` flag.
+    Flag,
+    /// A `KILN_VAR_name` environment variable.
+    Env,
+}
+
+/// One variable override given outside the config: by the CLI from `-var` flags and
+/// `KILN_VAR_*` environment variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VarOverride {
+    /// The variable's name.
+    pub name: String,
+    /// The raw text; converted to the variable's type (string, number, bool, or an HCL
+    /// expression for lists and objects).
+    pub value: String,
+    /// Flag or environment (flags win).
+    pub source: VarSource,
+}
+
+/// An image to bake.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Image {
+    /// The image's name (the block label).
+    pub name: String,
+    /// What the image starts from.
+    pub base: Base,
+    /// Where `base` is written (for errors about it).
+    pub base_loc: Loc,
+    /// Steps, in order; each becomes one layer.
+    pub provisioners: Vec<Provisioner>,
+    /// How an instance of the image runs.
+    pub run: RunConfig,
+    /// Where the block starts.
+    pub loc: Loc,
+}
+
+/// What an image starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Base {
+    /// An empty root.
+    Scratch,
+    /// Another image of the same config, by name.
+    Image {
+        /// The image's name.
+        name: String,
+    },
+    /// A tar archive (plain, gzip or zstd), relative to the config directory.
+    Tar {
+        /// The archive's path.
+        path: String,
+    },
+    /// A directory, relative to the config directory.
+    Dir {
+        /// The directory's path.
+        path: String,
+    },
+    /// An OCI image layout directory and optionally a tag in it.
+    Oci {
+        /// The layout directory.
+        path: String,
+        /// The `org.opencontainers.image.ref.name` to pick; the only image when absent.
+        tag: Option<String>,
+    },
+}
+
+/// One provisioner step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Provisioner {
+    /// What the step does; this is what the step cache key hashes.
+    pub step: Step,
+    /// Where the `provisioner` block starts.
+    #[serde(skip)]
+    pub loc: Loc,
+}
+
+/// The definition of a provisioner step. Serialized into the step's cache key, so it holds only
+/// what changes the step's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Step {
+    /// Copy a file or directory from the build context into the image.
+    File(FileStep),
+    /// Run a shell script inside the image root, sandboxed.
+    Shell(ShellStep),
+}
+
+/// `provisioner "file"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileStep {
+    /// A file or directory, relative to the config directory.
+    pub source: String,
+    /// Where `source` is written (for "no such file" errors).
+    #[serde(skip)]
+    pub source_loc: Loc,
+    /// The absolute path in the image. A directory source is copied to this path; a file source
+    /// becomes this file, or goes inside it when it ends with `/`.
+    pub destination: String,
+    /// Permission bits for every copied file (`"0755"`); the source's bits when absent.
+    pub mode: Option<u32>,
+    /// Owner of every copied entry; root when absent.
+    pub owner: Option<Owner>,
+}
+
+/// A numeric owner, written `"uid:gid"` or `"uid"` (gid = uid) in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// `provisioner "shell"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShellStep {
+    /// The commands to run.
+    pub script: Script,
+    /// Extra environment for the script.
+    pub environment: BTreeMap<String, String>,
+    /// Whether the sandbox shares the host network (off by default).
+    pub network: bool,
+}
+
+/// Where a shell step's commands come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Script {
+    /// `inline = [...]`: run in order by `/bin/sh -e`.
+    Inline(Vec<String>),
+    /// `script = "path"`: a file relative to the config directory, copied into the sandbox.
+    File {
+        /// The script's path.
+        path: String,
+        /// Where `script` is written (for "no such file" errors).
+        #[serde(skip)]
+        loc: Loc,
+    },
+}
+
+/// How an instance runs; the OCI image config. Unset fields inherit from the base image.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct RunConfig {
+    /// `entrypoint`.
+    pub entrypoint: Option<Vec<String>>,
+    /// `cmd`: arguments to the entrypoint.
+    pub cmd: Option<Vec<String>>,
+    /// `env`, merged over the base image's.
+    pub env: BTreeMap<String, String>,
+    /// `workdir`.
+    pub workdir: Option<String>,
+    /// `user`, as `uid[:gid]` or a name in the image.
+    pub user: Option<String>,
+    /// `ports` the app listens on.
+    pub ports: Vec<u16>,
+    /// `labels`, merged over the base image's.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A named set of identical instances serving one port.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Service {
+    /// The service's name.
+    pub name: String,
+    /// The image, by name.
+    pub image: String,
+    /// How many instances.
+    pub instances: u32,
+    /// The port the app listens on inside the instance.
+    pub port: u16,
+    /// Environment for instances.
+    pub env: BTreeMap<String, String>,
+    /// Health check; instances without one count as healthy once started.
+    pub health: Option<Health>,
+    /// How new releases replace old ones.
+    pub rollout: Rollout,
+    /// Where the block starts.
+    pub loc: Loc,
+}
+
+/// An HTTP health check.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Health {
+    /// Path requested (`/healthz`).
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// How long one check may take.
+    pub timeout: Duration,
+    /// Consecutive passes before an instance is healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures before an instance is unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+/// Rollout strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Replace instances in batches of `max_parallel`.
+    Rolling,
+    /// Bring up the new release at full size, then switch all traffic at once.
+    BlueGreen,
+    /// Shift traffic to the new release in weighted steps.
+    Canary,
+}
+
+/// The `rollout` block.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rollout {
+    /// Strategy (default `rolling`).
+    pub strategy: Strategy,
+    /// Canary steps.
+    pub steps: Vec<CanaryStep>,
+    /// Automated analysis.
+    pub analysis: Option<Analysis>,
+    /// Roll back by itself on failure (default true).
+    pub auto_rollback: bool,
+    /// Promote blue/green by itself once analysis passes (default false).
+    pub auto_promote: bool,
+    /// How long the old release stays warm after promotion (default 5m).
+    pub scale_down_delay: Duration,
+    /// The whole rollout must finish within this (default 10m).
+    pub progress_deadline: Duration,
+    /// Instances replaced at once in a rolling update (default 1).
+    pub max_parallel: u32,
+    /// How long an instance must stay healthy to count (default 10s).
+    pub min_healthy_time: Duration,
+    /// How long an instance has to become healthy (default 5m).
+    pub healthy_deadline: Duration,
+    /// Instances of the canary release (default: as many as the service).
+    pub canary_instances: Option<u32>,
+}
+
+/// One canary step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CanaryStep {
+    /// Share of requests for the new release, 0–100.
+    pub weight: u8,
+    /// How long to hold; `None` waits for `kiln rollout promote`.
+    pub pause: Option<Duration>,
+}
+
+/// The `analysis` block.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Analysis {
+    /// Time between measurements.
+    pub interval: Duration,
+    /// Highest acceptable share of failed requests (0–1).
+    pub max_error_rate: Option<f64>,
+    /// Highest acceptable median latency.
+    pub max_p50_latency: Option<Duration>,
+    /// Highest acceptable 99th-percentile latency.
+    pub max_p99_latency: Option<Duration>,
+    /// Fewer requests than this in a window is inconclusive.
+    pub min_requests: u64,
+    /// Failed measurements tolerated before aborting.
+    pub failure_limit: u32,
+    /// Inconclusive measurements tolerated before pausing.
+    pub inconclusive_limit: u32,
+}
+
+/// A listener of kiln's proxy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Balancer {
+    /// The balancer's name.
+    pub name: String,
+    /// `host:port` to listen on.
+    pub listen: String,
+    /// Routes, tried most specific first.
+    pub routes: Vec<Route>,
+    /// Where the block starts.
+    pub loc: Loc,
+}
+
+/// A route from requests to a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// Match this `Host` only.
+    pub host: Option<String>,
+    /// Match paths starting with this (default `/`).
+    pub path_prefix: String,
+    /// The service, by name.
+    pub service: String,
+}
