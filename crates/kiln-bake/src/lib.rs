@@ -3,6 +3,7 @@
 pub mod bake;
 pub mod error;
 pub mod export;
+mod import;
 pub mod inputs;
 pub mod layer;
 pub mod oci;

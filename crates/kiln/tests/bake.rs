@@ -380,3 +380,64 @@ service "web" {
     assert_eq!(v["valid"], false);
     assert_eq!(v["error_count"], 3);
 }
+
+#[test]
+fn an_oci_layout_is_a_base_and_its_layers_are_kept() {
+    let first = shop();
+    let base_digest = first.kiln(&["bake", "web"]).ok().digest_of("web");
+    // kiln's store is an OCI image layout, so another project can build on it directly.
+    let layout = first.store();
+    let second = Project::new(&format!(
+        "project = \"q\"\nimage \"app\" {{\n  base = \"oci:{}:web\"\n  provisioner \"shell\" {{ inline = [\"cat /www/greeting.txt > /copied\"] }}\n}}\n",
+        layout.display()
+    ));
+    let run = second.kiln(&["bake"]).ok();
+    let v: serde_json::Value =
+        serde_json::from_str(&second.kiln(&["images", "inspect", "app"]).ok().stdout).unwrap();
+    assert_eq!(
+        v["record"]["parent"],
+        base_digest.as_str(),
+        "{}",
+        run.stderr
+    );
+    let base: serde_json::Value =
+        serde_json::from_str(&first.kiln(&["images", "inspect", "web"]).ok().stdout).unwrap();
+    let base_layers = base["manifest"]["layers"].as_array().unwrap();
+    let layers = v["manifest"]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), base_layers.len() + 1);
+    assert_eq!(&layers[..base_layers.len()], &base_layers[..]);
+    // The run config is inherited.
+    assert_eq!(
+        v["config"]["config"]["Entrypoint"],
+        base["config"]["config"]["Entrypoint"]
+    );
+
+    // A tag that is not there is a clear error.
+    second.write(
+        "kiln.hcl",
+        &format!(
+            "project = \"q\"\nimage \"app\" {{ base = \"oci:{}:nope\" }}\n",
+            layout.display()
+        ),
+    );
+    let bad = second.kiln(&["bake"]).fails();
+    assert!(
+        bad.stderr.contains("has no image tagged `nope`"),
+        "{}",
+        bad.stderr
+    );
+}
+
+#[test]
+fn an_unknown_base_and_a_cycle_are_config_errors() {
+    let p = Project::new(
+        "project = \"p\"\nimage \"a\" { base = image.b }\nimage \"b\" { base = image.a }\nimage \"c\" { base = image.nope }\n",
+    );
+    let run = p.kiln(&["bake"]).fails();
+    assert!(run.stderr.contains("depends on itself"), "{}", run.stderr);
+    assert!(run.stderr.contains("kiln.hcl:4:20:"), "{}", run.stderr);
+    assert!(
+        !p.store().join("index.json").exists(),
+        "a bad config touches no store"
+    );
+}
