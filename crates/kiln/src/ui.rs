@@ -115,10 +115,11 @@ impl BakeProgress {
                     )
                 };
                 let line = format!("{image} [{index}/{}] {}: {how}", self.total, step.name);
-                match self.bar.take() {
-                    Some(bar) => bar.finish_with_message(format!("✓ {how}")),
-                    None => eprintln!("{line}"),
+                // The spinner gives way to a plain line, so finished steps stay on screen.
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
                 }
+                eprintln!("{line}");
             }
             BakeEvent::ImageFinished { record, unchanged } => {
                 if let Some(bar) = self.bar.take() {
