@@ -582,17 +582,27 @@ impl Snapshot {
 /// Records every path under `root`, without following symlinks.
 pub fn snapshot(root: &Path) -> Result<Snapshot> {
     let mut entries = BTreeMap::new();
-    for entry in WalkDir::new(root).min_depth(1).follow_links(false) {
-        let entry = entry.map_err(|e| walk_error(e, root))?;
-        let meta = entry.metadata().map_err(|e| walk_error(e, entry.path()))?;
-        let rel: PathBuf = entry
-            .path()
-            .components()
-            .skip(root.components().count())
-            .collect();
-        entries.insert(rel, snap_entry(entry.path(), &meta)?);
+    for entry in walk_below(root) {
+        let (rel, path, meta) = entry?;
+        entries.insert(rel, snap_entry(&path, &meta)?);
     }
     Ok(Snapshot { entries })
+}
+
+/// Every path below `root` (not `root` itself), without following symlinks, as (path relative
+/// to `root`, full path, metadata).
+fn walk_below(root: &Path) -> impl Iterator<Item = Result<(PathBuf, PathBuf, Metadata)>> + '_ {
+    let depth = root.components().count();
+    WalkDir::new(root)
+        .min_depth(1)
+        .follow_links(false)
+        .into_iter()
+        .map(move |entry| {
+            let entry = entry.map_err(|e| walk_error(e, root))?;
+            let meta = entry.metadata().map_err(|e| walk_error(e, entry.path()))?;
+            let rel: PathBuf = entry.path().components().skip(depth).collect();
+            Ok((rel, entry.into_path(), meta))
+        })
 }
 
 fn snap_entry(path: &Path, meta: &Metadata) -> Result<SnapEntry> {
@@ -650,15 +660,9 @@ pub fn write_diff<W: Write>(
     let mut changes: Vec<(PathBuf, Change)> = Vec::new();
     let mut present: HashSet<PathBuf> = HashSet::new();
     let mut dirs: HashSet<PathBuf> = HashSet::new();
-    for entry in WalkDir::new(root).min_depth(1).follow_links(false) {
-        let entry = entry.map_err(|e| walk_error(e, root))?;
-        let meta = entry.metadata().map_err(|e| walk_error(e, entry.path()))?;
-        let rel: PathBuf = entry
-            .path()
-            .components()
-            .skip(root.components().count())
-            .collect();
-        let now = snap_entry(entry.path(), &meta)?;
+    for entry in walk_below(root) {
+        let (rel, path, meta) = entry?;
+        let now = snap_entry(&path, &meta)?;
         if now.kind == EntryKind::Dir {
             dirs.insert(rel.clone());
         }

@@ -117,8 +117,18 @@ impl Loader<'_> {
         if !clean || uses_unset {
             return None;
         }
-        let hcl_expr: hcl::Expression = expr.clone().into();
-        match hcl_expr.evaluate(&self.ctx) {
+        let result = hcl::Expression::from(expr.clone()).evaluate(&self.ctx);
+        self.evaluated(expr, result)
+    }
+
+    /// The value of an evaluation, or `None` with the error reported at the whole expression
+    /// (hcl-rs errors carry no position).
+    fn evaluated(
+        &mut self,
+        expr: &Expression,
+        result: Result<Value, hcl::eval::Error>,
+    ) -> Option<Value> {
+        match result {
             Ok(value) => Some(value),
             Err(err) => {
                 self.error(
@@ -144,17 +154,8 @@ impl Loader<'_> {
         if !clean {
             return None;
         }
-        let hcl_expr: hcl::Expression = expr.clone().into();
-        match hcl_expr.evaluate(&hcl::eval::Context::new()) {
-            Ok(value) => Some(value),
-            Err(err) => {
-                self.error(
-                    span(expr),
-                    format!("cannot evaluate this expression: {}", err.kind()),
-                );
-                None
-            }
-        }
+        let result = hcl::Expression::from(expr.clone()).evaluate(&hcl::eval::Context::new());
+        self.evaluated(expr, result)
     }
 
     pub(super) fn mismatch(&mut self, at: &At<'_>, expected: &str, found: &Value) {
