@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::import;
 use crate::inputs::{StatCache, tree_hash};
-use crate::layer::{self, Compression, LayerBlobWriter, LayerWriter, TreeOptions};
+use crate::layer::{self, Compression, LayerBlobWriter, LayerWriter, Ownership, TreeOptions};
 use crate::oci::{self, Descriptor, ImageConfig, Manifest};
 use crate::sandbox;
 use crate::store::{CacheEntry, GitInfo, ImageRecord, LayerRecord, StepRecord, Store};
@@ -436,45 +436,33 @@ impl Baker<'_, '_> {
         });
         let root = unpack::running_as_root();
         self.cached_step(image, index, name, build, key, |baker, _| {
-            let produced = if kind == "tar" {
-                // Untrusted archive: unpack it safely, then re-pack it sorted and normalised.
-                let tmp = baker.store.tmp_dir()?;
+            let unpacked;
+            let (tree, owner) = if kind == "tar" {
+                // Untrusted archive: unpack it safely, then re-pack it sorted and normalised. As
+                // root the unpacked owners are the archive's own, so they are kept.
+                unpacked = baker.store.tmp_dir()?;
                 let file = File::open(&resolved).map_err(|e| step_err(e.into()))?;
-                unpack::unpack(
-                    file,
-                    tmp.path(),
-                    &UnpackOptions {
-                        whiteouts: false,
-                        chown: root,
-                    },
-                )
-                .map_err(|e| step_err(e.into()))?;
-                baker.write_layer(|w| {
-                    layer::write_tree(
-                        tmp.path(),
-                        "",
-                        w,
-                        &TreeOptions {
-                            epoch: baker.settings.epoch,
-                            mode: None,
-                            owner: None,
-                        },
-                    )
-                })
+                let opts = UnpackOptions {
+                    whiteouts: false,
+                    chown: root,
+                };
+                unpack::unpack(file, unpacked.path(), &opts).map_err(|e| step_err(e.into()))?;
+                let owner = if root {
+                    Ownership::Disk
+                } else {
+                    Ownership::Root
+                };
+                (unpacked.path(), owner)
             } else {
-                baker.write_layer(|w| {
-                    layer::write_tree(
-                        &resolved,
-                        "",
-                        w,
-                        &TreeOptions {
-                            epoch: baker.settings.epoch,
-                            mode: None,
-                            owner: None,
-                        },
-                    )
-                })
+                // A directory on the build host: its owners are the host's users, not the image's.
+                (resolved.as_path(), Ownership::Root)
             };
+            let opts = TreeOptions {
+                epoch: baker.settings.epoch,
+                mode: None,
+                owner,
+            };
+            let produced = baker.write_layer(|w| layer::write_tree(tree, "", w, &opts));
             produced.map_err(|e| step_err(e.into()))
         })?;
         Ok(None)
@@ -585,7 +573,9 @@ impl Baker<'_, '_> {
         let opts = TreeOptions {
             epoch: self.settings.epoch,
             mode: step.mode,
-            owner: step.owner.map(|o| (o.uid, o.gid)),
+            owner: step
+                .owner
+                .map_or(Ownership::Root, |o| Ownership::Fixed(o.uid, o.gid)),
         };
         self.cached_step(image, index, name, build, key, |baker, _| {
             baker
@@ -663,6 +653,7 @@ impl Baker<'_, '_> {
                 });
             }
             let before = layer::snapshot(&root_dir).map_err(|e| step_err(e.into()))?;
+            let as_root = unpack::running_as_root();
             let what = match (&step.script, &script_path) {
                 (Script::Inline(lines), _) => sandbox::Commands::Inline(lines),
                 (Script::File { .. }, Some(p)) => sandbox::Commands::Script(p),
@@ -676,6 +667,7 @@ impl Baker<'_, '_> {
                 what,
                 &step.environment,
                 step.network,
+                as_root,
                 &mut |line| {
                     observer(BakeEvent::Output {
                         image: &image_name,
@@ -705,9 +697,15 @@ impl Baker<'_, '_> {
                     });
                 }
             }
+            // As root the sandbox's owners are the image's (a step may `chown`); otherwise they
+            // are the building user's and are normalised.
             let opts = layer::DiffOptions {
                 epoch: baker.settings.epoch,
-                owners: &BTreeMap::new(),
+                owner: if as_root {
+                    Ownership::Disk
+                } else {
+                    Ownership::Root
+                },
             };
             let mut produced = baker
                 .write_layer(|w| layer::write_diff(&root_dir, &before, w, &opts))

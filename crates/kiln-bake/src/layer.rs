@@ -396,8 +396,31 @@ pub struct TreeOptions {
     /// an execute bit wherever it grants read (`0o644` → `0o755`, `0o640` → `0o750`), so they
     /// stay traversable; without an override they keep their own mode. Symlinks are `0o777`.
     pub mode: Option<u32>,
-    /// Owner `(uid, gid)` of every entry; `0:0` when `None`.
-    pub owner: Option<(u32, u32)>,
+    /// Who owns the entries.
+    pub owner: Ownership,
+}
+
+/// Who owns the entries a layer takes from disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ownership {
+    /// Every entry `0:0`: whoever ran the bake must not change the digest.
+    #[default]
+    Root,
+    /// Every entry this `(uid, gid)`.
+    Fixed(u32, u32),
+    /// Each entry's numeric owner on disk: for trees that kiln unpacked, or a sandbox wrote,
+    /// as root, where ownership on disk is the image's own.
+    Disk,
+}
+
+impl Ownership {
+    fn of(self, meta: &Metadata) -> (u32, u32) {
+        match self {
+            Ownership::Root => (0, 0),
+            Ownership::Fixed(uid, gid) => (uid, gid),
+            Ownership::Disk => (meta.uid(), meta.gid()),
+        }
+    }
 }
 
 /// What [`write_tree`] or [`write_diff`] wrote.
@@ -429,7 +452,6 @@ pub fn write_tree<W: Write>(
     opts: &TreeOptions,
 ) -> Result<TreeStats> {
     let prefix = layer_prefix(Path::new(dest_prefix))?;
-    let owner = opts.owner.unwrap_or((0, 0));
     let mut stats = TreeStats::default();
     let walk = WalkDir::new(src)
         .follow_links(false)
@@ -459,7 +481,7 @@ pub fn write_tree<W: Write>(
             &dest,
             &meta,
             opts.mode,
-            owner,
+            opts.owner,
             opts.epoch,
             &mut stats,
         )?;
@@ -489,10 +511,11 @@ fn append_entry<W: Write>(
     dest: &Path,
     meta: &Metadata,
     mode_override: Option<u32>,
-    owner: (u32, u32),
+    ownership: Ownership,
     mtime: u64,
     stats: &mut TreeStats,
 ) -> Result<()> {
+    let owner = ownership.of(meta);
     let ft = meta.file_type();
     let own_mode = meta.mode() & 0o7777;
     if ft.is_dir() {
@@ -635,12 +658,11 @@ fn snap_entry(path: &Path, meta: &Metadata) -> Result<SnapEntry> {
 
 /// How [`write_diff`] writes a diff.
 #[derive(Debug, Clone, Copy)]
-pub struct DiffOptions<'a> {
+pub struct DiffOptions {
     /// mtime of every entry, in seconds since 1970.
     pub epoch: u64,
-    /// Owner `(uid, gid)` by relative path (`etc/passwd`, no leading `/`) for paths whose
-    /// logical owner differs from what the sandbox shows; every other path is written `0:0`.
-    pub owners: &'a BTreeMap<String, (u32, u32)>,
+    /// Who owns the written entries.
+    pub owner: Ownership,
 }
 
 /// Writes what changed under `root` since `before`: every added or changed entry, and a
@@ -650,7 +672,7 @@ pub fn write_diff<W: Write>(
     root: &Path,
     before: &Snapshot,
     w: &mut LayerWriter<W>,
-    opts: &DiffOptions<'_>,
+    opts: &DiffOptions,
 ) -> Result<TreeStats> {
     enum Change {
         Entry(Metadata),
@@ -688,18 +710,13 @@ pub fn write_diff<W: Write>(
     for (rel, change) in changes {
         match change {
             Change::Entry(meta) => {
-                let owner = rel
-                    .to_str()
-                    .and_then(|p| opts.owners.get(p))
-                    .copied()
-                    .unwrap_or((0, 0));
                 append_entry(
                     w,
                     &root.join(&rel),
                     &rel,
                     &meta,
                     None,
-                    owner,
+                    opts.owner,
                     opts.epoch,
                     &mut stats,
                 )?;
@@ -857,7 +874,7 @@ pub(crate) mod tests {
         let opts = TreeOptions {
             epoch: 0,
             mode: Some(0o640),
-            owner: Some((1000, 1001)),
+            owner: Ownership::Fixed(1000, 1001),
         };
         let (tar, _) = tree_tar(&site, "app", &opts);
         for e in entries(&tar) {
@@ -1047,7 +1064,6 @@ pub(crate) mod tests {
         fs::create_dir(root.join("var/cache/apt")).unwrap();
         symlink("/etc/motd", root.join("keep/motd")).unwrap();
 
-        let owners = BTreeMap::from([("etc/passwd".to_owned(), (0, 42))]);
         let mut w = LayerWriter::new(Vec::new(), 7);
         let stats = write_diff(
             &root,
@@ -1055,7 +1071,7 @@ pub(crate) mod tests {
             &mut w,
             &DiffOptions {
                 epoch: 7,
-                owners: &owners,
+                owner: Ownership::Disk,
             },
         )
         .unwrap();
@@ -1087,7 +1103,9 @@ pub(crate) mod tests {
             }
         );
         let passwd = seen.iter().find(|e| e.path == "etc/passwd").unwrap();
-        assert_eq!((passwd.mode, passwd.owner), (0o600, (0, 42)));
+        let on_disk = root.join("etc/passwd").metadata().unwrap();
+        let disk_owner = (u64::from(on_disk.uid()), u64::from(on_disk.gid()));
+        assert_eq!((passwd.mode, passwd.owner), (0o600, disk_owner));
         assert!(seen.iter().all(|e| e.mtime == 7));
 
         // Nothing changed since: an empty diff.
@@ -1099,7 +1117,7 @@ pub(crate) mod tests {
             &mut w,
             &DiffOptions {
                 epoch: 7,
-                owners: &owners,
+                owner: Ownership::Disk,
             },
         )
         .unwrap();
@@ -1131,7 +1149,7 @@ pub(crate) mod tests {
             &mut diff,
             &DiffOptions {
                 epoch: 0,
-                owners: &BTreeMap::new(),
+                owner: Ownership::Root,
             },
         )
         .unwrap();

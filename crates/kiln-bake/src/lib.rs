@@ -16,8 +16,8 @@ pub use bake::{BakeError, BakeEvent, BakeSettings, bake};
 pub use error::{Error, Result};
 pub use export::{ExportFormat, export};
 pub use layer::{
-    Compression, DiffOptions, LayerBlobWriter, LayerWriter, Snapshot, TreeOptions, TreeStats,
-    snapshot, write_diff, write_tree,
+    Compression, DiffOptions, LayerBlobWriter, LayerWriter, Ownership, Snapshot, TreeOptions,
+    TreeStats, snapshot, write_diff, write_tree,
 };
 pub use record::{CacheEntry, GitInfo, ImageRecord, LayerRecord, StepRecord};
 pub use store::{BlobProblem, BlobWriter, GcReport, Problem, Store, StoreLock};

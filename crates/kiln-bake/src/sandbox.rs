@@ -1,8 +1,11 @@
 //! Running shell provisioners inside an image root with bubblewrap.
 //!
 //! A shell step runs with the image root bound writable at `/`, fresh `/dev`, `/proc` and a
-//! tmpfs `/tmp`, every namespace unshared (no network unless the step asks for it), a cleared
-//! environment, and `--die-with-parent` so that a killed bake leaves no process behind. Nothing
+//! tmpfs `/tmp`, its own pid, ipc, uts and network namespaces (no network unless the step asks
+//! for it), a cleared environment, and `--die-with-parent` so that a killed bake leaves no
+//! process behind. Run by root, the step is root inside with a container runtime's default
+//! capabilities (so `chown` and package installs work); run by another user, a user namespace
+//! maps that user to root inside. Nothing
 //! of the host's filesystem is visible. There is no fallback: without bubblewrap a shell step is
 //! refused, never run on the host.
 
@@ -17,6 +20,22 @@ const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 /// Where a script file is mounted inside the sandbox.
 const SCRIPT_MOUNT: &str = "/tmp/.kiln-provisioner.sh";
+
+/// Capabilities a shell step keeps when kiln runs as root (Docker's default set without
+/// `CAP_NET_RAW` and `CAP_MKNOD`).
+const ROOT_CAPS: [&str; 11] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_SETFCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+];
 
 /// How many trailing output lines a failure reports.
 pub const TAIL_LINES: usize = 20;
@@ -57,22 +76,44 @@ pub enum RunError {
 }
 
 /// Runs `what` in the image root at `root`. Every output line (stdout and stderr, interleaved
-/// as written) goes to `on_line`.
+/// as written) goes to `on_line`. `as_root` says kiln runs as root (see [`ROOT_CAPS`]).
 pub fn run(
     bwrap: &Path,
     root: &Path,
     what: Commands<'_>,
     env: &BTreeMap<String, String>,
     network: bool,
+    as_root: bool,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), RunError> {
     let mut cmd = Command::new(bwrap);
     cmd.arg("--bind").arg(root).arg("/");
     cmd.args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
-    cmd.args(["--unshare-all", "--die-with-parent", "--new-session"]);
-    if network {
-        cmd.arg("--share-net");
+    if as_root {
+        // No user namespace: steps that install packages need real ownership changes. Keep
+        // only the capabilities a container runtime grants by default, less raw sockets and
+        // device nodes.
+        cmd.args([
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+        ]);
+        if !network {
+            cmd.arg("--unshare-net");
+        }
+        cmd.args(["--cap-drop", "ALL"]);
+        for cap in ROOT_CAPS {
+            cmd.args(["--cap-add", cap]);
+        }
+    } else {
+        // A user namespace maps the building user to root inside; other owners cannot be set.
+        cmd.arg("--unshare-all");
+        if network {
+            cmd.arg("--share-net");
+        }
     }
+    cmd.args(["--die-with-parent", "--new-session"]);
     cmd.args(["--clearenv", "--setenv", "PATH", SANDBOX_PATH]);
     cmd.args(["--setenv", "HOME", "/root"]);
     for (k, v) in env {

@@ -441,3 +441,84 @@ fn an_unknown_base_and_a_cycle_are_config_errors() {
         "a bad config touches no store"
     );
 }
+
+/// Every entry of a layer blob: (path, uid, gid, mode, mtime).
+fn layer_entries(p: &Project, digest: &str) -> Vec<(String, u64, u64, u32, u64)> {
+    let blob = p
+        .store()
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let mut archive = tar::Archive::new(fs::File::open(blob).unwrap());
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let h = e.header();
+            (
+                e.path().unwrap().display().to_string(),
+                h.uid().unwrap(),
+                h.gid().unwrap(),
+                h.mode().unwrap(),
+                h.mtime().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn owners_and_modes_are_set_by_the_config_and_kept_from_the_sandbox() {
+    let p = Project::new(
+        r#"
+project = "p"
+image "o" {
+  base = "dir:./rootfs"
+  provisioner "file" {
+    source      = "f.txt"
+    destination = "/srv/f.txt"
+    owner       = "1234:5678"
+    mode        = "0600"
+  }
+  provisioner "shell" {
+    inline = ["touch /by-shell", "chown 42:43 /by-shell || true"]
+  }
+}
+"#,
+    );
+    p.busybox_rootfs("rootfs");
+    p.write("f.txt", "secret-ish\n");
+    p.kiln(&["bake"]).ok();
+    let v: serde_json::Value =
+        serde_json::from_str(&p.kiln(&["images", "inspect", "o"]).ok().stdout).unwrap();
+    let layers: Vec<String> = v["manifest"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+
+    // The base directory belongs to whoever checked it out: normalised to root.
+    assert!(
+        layer_entries(&p, &layers[0])
+            .iter()
+            .all(|e| (e.1, e.2, e.4) == (0, 0, 0))
+    );
+    assert_eq!(
+        layer_entries(&p, &layers[1]),
+        [("srv/f.txt".to_owned(), 1234, 5678, 0o600, 0)]
+    );
+    let shell = layer_entries(&p, &layers[2]);
+    let by_shell = shell.iter().find(|e| e.0 == "by-shell").unwrap();
+    let as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        == b"0\n";
+    // As root the sandbox's chown is the image's; otherwise it cannot happen and owners are 0.
+    let expected = if as_root { (42, 43) } else { (0, 0) };
+    assert_eq!(
+        (by_shell.1, by_shell.2, by_shell.4),
+        (expected.0, expected.1, 0)
+    );
+}
