@@ -1102,4 +1102,83 @@ mod tests {
             "{err}"
         );
     }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Member names built from the pieces that make tar-slips.
+        fn name() -> impl Strategy<Value = String> {
+            let part = prop::sample::select(vec!["l", "a", "..", ".", ""]);
+            (prop::bool::weighted(0.2), prop::collection::vec(part, 1..4)).prop_map(
+                |(abs, parts)| {
+                    let joined = parts.join("/");
+                    if abs { format!("/{joined}") } else { joined }
+                },
+            )
+        }
+
+        /// Link targets, many of them reaching the scratch directory's `outside` (four levels
+        /// above the root). Absolute targets are left out on purpose: were extraction ever to
+        /// follow one, this test would write to the host's own root.
+        fn target() -> impl Strategy<Value = String> {
+            prop::sample::select(vec![
+                "../../../../outside",
+                "../../../..",
+                "../../../../../",
+                "..",
+                "../a",
+                "a",
+                "l",
+            ])
+            .prop_map(str::to_owned)
+        }
+
+        #[derive(Debug, Clone)]
+        enum Member {
+            File(String),
+            Dir(String),
+            Symlink(String, String),
+            HardLink(String, String),
+        }
+
+        /// One member, or a symlink followed by a file written through it.
+        fn members() -> impl Strategy<Value = Vec<Member>> {
+            prop_oneof![
+                name().prop_map(|n| vec![Member::File(n)]),
+                name().prop_map(|n| vec![Member::Dir(n)]),
+                (name(), target()).prop_map(|(n, t)| vec![Member::Symlink(n, t)]),
+                (name(), target()).prop_map(|(n, t)| vec![Member::HardLink(n, t)]),
+                (name(), target(), name()).prop_map(|(l, t, c)| vec![
+                    Member::Symlink(l.clone(), t),
+                    Member::File(format!("{l}/{c}")),
+                ]),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever an archive holds, unpacking it writes nothing outside the root and
+            /// never panics: it either succeeds or refuses.
+            #[test]
+            fn no_archive_writes_outside_the_root(
+                groups in prop::collection::vec(members(), 1..8)
+            ) {
+                let s = scratch();
+                let mut tar = Evil::default();
+                for member in groups.iter().flatten() {
+                    tar = match member {
+                        Member::File(n) => tar.file(n, "x"),
+                        Member::Dir(n) => tar.dir(n),
+                        Member::Symlink(n, t) => tar.symlink(n, t),
+                        Member::HardLink(n, t) => tar.hard_link(n, t),
+                    };
+                }
+                let _ = s.unpack(&tar.bytes());
+                s.outside_is_untouched();
+            }
+        }
+    }
 }
