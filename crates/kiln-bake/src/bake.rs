@@ -36,6 +36,41 @@ use crate::unpack::{self, UnpackOptions};
 /// Buffer between the tar writer and the blob file.
 const WRITE_BUFFER: usize = 1 << 20;
 
+/// How often a step's progress is reported.
+const PROGRESS_EVERY: u64 = 8 << 20;
+
+/// Counts the bytes of a layer on their way to the store.
+pub struct Counting<'a> {
+    inner: BufWriter<LayerBlobWriter>,
+    written: u64,
+    reported: u64,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl std::fmt::Debug for Counting<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counting")
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::io::Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.reported >= PROGRESS_EVERY {
+            self.reported = self.written;
+            (self.report)(self.written);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Everything about a bake that is not in the config.
 #[derive(Debug, Clone)]
 pub struct BakeSettings {
@@ -78,6 +113,13 @@ pub enum BakeEvent<'a> {
         image: &'a str,
         /// The line.
         line: &'a str,
+    },
+    /// Bytes written so far by the running step (reported every few MiB).
+    Progress {
+        /// Image name.
+        image: &'a str,
+        /// Layer bytes written so far.
+        bytes: u64,
     },
     /// A step ended well.
     StepFinished {
@@ -462,7 +504,8 @@ impl Baker<'_, '_> {
                 mode: None,
                 owner,
             };
-            let produced = baker.write_layer(|w| layer::write_tree(tree, "", w, &opts));
+            let produced =
+                baker.write_layer(&image.name, |w| layer::write_tree(tree, "", w, &opts));
             produced.map_err(|e| step_err(e.into()))
         })?;
         Ok(None)
@@ -579,7 +622,9 @@ impl Baker<'_, '_> {
         };
         self.cached_step(image, index, name, build, key, |baker, _| {
             baker
-                .write_layer(|w| layer::write_tree(&resolved, &dest, w, &opts))
+                .write_layer(&image.name, |w| {
+                    layer::write_tree(&resolved, &dest, w, &opts)
+                })
                 .map_err(|e| step_err(e.into()))
         })
     }
@@ -708,7 +753,9 @@ impl Baker<'_, '_> {
                 },
             };
             let mut produced = baker
-                .write_layer(|w| layer::write_diff(&root_dir, &before, w, &opts))
+                .write_layer(&image.name, |w| {
+                    layer::write_diff(&root_dir, &before, w, &opts)
+                })
                 .map_err(|e| step_err(e.into()))?;
             produced.in_rootfs = true;
             Ok(produced)
@@ -735,23 +782,28 @@ impl Baker<'_, '_> {
         Ok(dir)
     }
 
-    /// Streams a new layer into the store.
+    /// Streams a new layer of `image` into the store, reporting progress as bytes go by.
     fn write_layer(
-        &self,
-        fill: impl FnOnce(
-            &mut LayerWriter<BufWriter<LayerBlobWriter>>,
-        ) -> Result<layer::TreeStats, crate::Error>,
+        &mut self,
+        image: &str,
+        fill: impl FnOnce(&mut LayerWriter<Counting<'_>>) -> Result<layer::TreeStats, crate::Error>,
     ) -> Result<Produced, crate::Error> {
         // Uncompressed: the digest then depends on nothing but the tar bytes, not on a
         // compressor's version or level.
         let blob = LayerBlobWriter::new(self.store, Compression::None)?;
-        let mut writer = LayerWriter::new(
-            BufWriter::with_capacity(WRITE_BUFFER, blob),
-            self.settings.epoch,
-        );
+        let observer = &mut self.observer;
+        let mut report = |bytes| observer(BakeEvent::Progress { image, bytes });
+        let counting = Counting {
+            inner: BufWriter::with_capacity(WRITE_BUFFER, blob),
+            written: 0,
+            reported: 0,
+            report: &mut report,
+        };
+        let mut writer = LayerWriter::new(counting, self.settings.epoch);
         let stats = fill(&mut writer)?;
         let blob = writer
             .finish()?
+            .inner
             .into_inner()
             .map_err(|e| crate::Error::io("write layer", self.store.root())(e.into_error()))?;
         Ok(Produced {

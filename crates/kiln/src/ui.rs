@@ -102,6 +102,11 @@ impl BakeProgress {
                 Some(bar) => bar.set_message((*line).to_owned()),
                 None => eprintln!("{image}  | {line}"),
             },
+            BakeEvent::Progress { bytes, .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_message(format!("{} written", size(*bytes)));
+                }
+            }
             BakeEvent::StepFinished { image, index, step } => {
                 let how = if step.cached {
                     "cached".to_owned()
