@@ -20,6 +20,7 @@ pub mod config;
 pub mod diag;
 pub mod digest;
 pub mod model;
+pub mod state;
 
 pub use diag::{Diagnostic, Loc, Severity};
 pub use digest::Digest;

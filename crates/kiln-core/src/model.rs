@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::diag::Loc;
 
@@ -228,13 +228,15 @@ pub struct Service {
 }
 
 /// An HTTP health check.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     /// Path requested (`/healthz`).
     pub path: String,
     /// Time between checks.
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// How long one check may take.
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Consecutive passes before an instance is healthy.
     pub healthy_threshold: u32,
@@ -243,7 +245,7 @@ pub struct Health {
 }
 
 /// Rollout strategies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Replace instances in batches of `max_parallel`.
@@ -255,7 +257,7 @@ pub enum Strategy {
 }
 
 /// The `rollout` block.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     /// Strategy (default `rolling`).
     pub strategy: Strategy,
@@ -268,38 +270,46 @@ pub struct Rollout {
     /// Promote blue/green by itself once analysis passes (default false).
     pub auto_promote: bool,
     /// How long the old release stays warm after promotion (default 5m).
+    #[serde(with = "humantime_serde")]
     pub scale_down_delay: Duration,
     /// The whole rollout must finish within this (default 10m).
+    #[serde(with = "humantime_serde")]
     pub progress_deadline: Duration,
     /// Instances replaced at once in a rolling update (default 1).
     pub max_parallel: u32,
     /// How long an instance must stay healthy to count (default 10s).
+    #[serde(with = "humantime_serde")]
     pub min_healthy_time: Duration,
     /// How long an instance has to become healthy (default 5m).
+    #[serde(with = "humantime_serde")]
     pub healthy_deadline: Duration,
     /// Instances of the canary release (default: as many as the service).
     pub canary_instances: Option<u32>,
 }
 
 /// One canary step.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CanaryStep {
     /// Share of requests for the new release, 0–100.
     pub weight: u8,
     /// How long to hold; `None` waits for `kiln rollout promote`.
+    #[serde(default, with = "humantime_serde::option")]
     pub pause: Option<Duration>,
 }
 
 /// The `analysis` block.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Analysis {
     /// Time between measurements.
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Highest acceptable share of failed requests (0–1).
     pub max_error_rate: Option<f64>,
     /// Highest acceptable median latency.
+    #[serde(default, with = "humantime_serde::option")]
     pub max_p50_latency: Option<Duration>,
     /// Highest acceptable 99th-percentile latency.
+    #[serde(default, with = "humantime_serde::option")]
     pub max_p99_latency: Option<Duration>,
     /// Fewer requests than this in a window is inconclusive.
     pub min_requests: u64,
@@ -323,7 +333,7 @@ pub struct Balancer {
 }
 
 /// A route from requests to a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     /// Match this `Host` only.
     pub host: Option<String>,
