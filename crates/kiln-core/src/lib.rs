@@ -20,6 +20,8 @@ pub mod config;
 pub mod diag;
 pub mod digest;
 pub mod model;
+pub mod plan;
+pub mod rollout;
 pub mod state;
 
 pub use diag::{Diagnostic, Loc, Severity};

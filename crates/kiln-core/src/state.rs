@@ -122,8 +122,16 @@ pub struct Instance {
     pub release: u32,
     /// The host port kiln assigned (the app reads it from `PORT`).
     pub port: u16,
-    /// What the driver needs to find it again after a restart.
+    /// What the driver needs to find it again after a restart (`null` while it is being
+    /// started: the record is written before the process exists, so a crash leaves no orphan
+    /// that state does not know).
     pub handle: serde_json::Value,
+    /// Whether the proxy sends it requests.
+    #[serde(default)]
+    pub routable: bool,
+    /// Being drained and stopped.
+    #[serde(default)]
+    pub retiring: bool,
     /// When it was started (RFC 3339).
     pub started_at: String,
 }
@@ -145,7 +153,11 @@ pub struct BalancerSpec {
 pub fn desired(
     config: &Config,
     digests: &BTreeMap<String, Digest>,
-) -> (BTreeMap<String, ServiceSpec>, BTreeMap<String, BalancerSpec>, Vec<String>) {
+) -> (
+    BTreeMap<String, ServiceSpec>,
+    BTreeMap<String, BalancerSpec>,
+    Vec<String>,
+) {
     let mut missing = Vec::new();
     let mut services = BTreeMap::new();
     for (name, s) in &config.services {

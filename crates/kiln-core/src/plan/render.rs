@@ -1,0 +1,188 @@
+//! `Plan::render`: the plan as people read it, shaped like `terraform plan` output so that it
+//! feels familiar: a `#` line saying what happens and why, the symbol line, then the attributes
+//! that change.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::{ChangeKind, Plan, ResourceChange, Schedule};
+use crate::Digest;
+use crate::model::Strategy;
+
+/// Top-level fields in the order they are shown: what an instance runs first, then how many,
+/// then how they are checked and rolled out. Fields not listed sort after these.
+const FIELD_ORDER: [&str; 9] = [
+    "image",
+    "image_digest",
+    "instances",
+    "port",
+    "env",
+    "health",
+    "rollout",
+    "listen",
+    "routes",
+];
+
+pub(super) fn render(plan: &Plan) -> String {
+    if !plan.has_changes() {
+        return "No changes. The running services match the configuration.\n".to_owned();
+    }
+    let mut out = String::new();
+    for change in &plan.resource_changes {
+        if let Some(kind) = change.kind_of_change()
+            && kind != ChangeKind::NoOp
+        {
+            resource(&mut out, change, kind);
+            out.push('\n');
+        }
+    }
+    let s = plan.summary();
+    let _ = writeln!(
+        out,
+        "Plan: {} to create, {} to replace, {} to update, {} to delete.",
+        s.create, s.replace, s.update, s.delete
+    );
+    out
+}
+
+fn resource(out: &mut String, change: &ResourceChange, kind: ChangeKind) {
+    let what = change.address.split('.').next().unwrap_or_default();
+    let release = change.rollout.as_ref().map(|s| s.to_release);
+    let reason = change.action_reason.as_deref().unwrap_or_default();
+    let (headline, symbol) = match (kind, release) {
+        (ChangeKind::Create, Some(v)) => (format!("will be created as release v{v}"), "+"),
+        (ChangeKind::Create, None) => ("will be created".to_owned(), "+"),
+        (ChangeKind::Replace, Some(v)) => {
+            (format!("will be replaced by release v{v}: {reason}"), "+/-")
+        }
+        (ChangeKind::Replace, None) => (format!("will be replaced: {reason}"), "+/-"),
+        (ChangeKind::Update, _) => (format!("will be updated: {reason}"), "~"),
+        (ChangeKind::Delete, _) => (format!("will be destroyed: {reason}"), "-"),
+        (ChangeKind::NoOp, _) => return,
+    };
+    let _ = writeln!(out, "  # {} {headline}", change.address);
+    let _ = writeln!(out, "  {symbol} {what} \"{}\"", change.name);
+    // A new service's rollout settings are summed up by the rollout line below; listing every
+    // default would bury the fields that matter.
+    let hide_rollout = kind == ChangeKind::Create && change.rollout.is_some();
+    if kind != ChangeKind::Delete {
+        let before = flatten(change.change.before.as_ref());
+        let after = flatten(change.change.after.as_ref());
+        let keys: std::collections::BTreeSet<_> = before.keys().chain(after.keys()).collect();
+        for key in keys {
+            if hide_rollout && key.1.starts_with("rollout.") {
+                continue;
+            }
+            let line = match (before.get(key), after.get(key)) {
+                (Some(b), Some(a)) if a == b => continue,
+                (Some(b), Some(a)) => format!("~ {}: {} -> {}", key.1, show(b), show(a)),
+                (None, Some(a)) => format!("+ {}: {}", key.1, show(a)),
+                (Some(b), None) => format!("- {}: {}", key.1, show(b)),
+                (None, None) => continue,
+            };
+            let _ = writeln!(out, "      {line}");
+        }
+    }
+    if let Some(schedule) = &change.rollout {
+        let _ = writeln!(out, "        rollout: {}", describe(schedule));
+    }
+}
+
+/// The leaves of a resource's JSON by `(field rank, dotted path)`, so that they come out in
+/// [`FIELD_ORDER`]. Nulls and empty maps or lists are left out: an absent health check reads
+/// better than `null`, and an emptied `env` shows as its removed variables. The `name` is left
+/// out too: the symbol line shows it.
+fn flatten(value: Option<&Value>) -> BTreeMap<(usize, String), Value> {
+    let mut out = BTreeMap::new();
+    if let Some(Value::Object(fields)) = value {
+        for (name, v) in fields.iter().filter(|(name, _)| *name != "name") {
+            let rank = FIELD_ORDER
+                .iter()
+                .position(|f| f == name)
+                .unwrap_or(FIELD_ORDER.len());
+            leaves(rank, name.clone(), v, &mut out);
+        }
+    }
+    out
+}
+
+fn leaves(rank: usize, path: String, value: &Value, out: &mut BTreeMap<(usize, String), Value>) {
+    match value {
+        Value::Null => {}
+        Value::Object(fields) => {
+            for (name, v) in fields {
+                leaves(rank, format!("{path}.{name}"), v, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                leaves(rank, format!("{path}[{i}]"), v, out);
+            }
+        }
+        other => {
+            out.insert((rank, path), other.clone());
+        }
+    }
+}
+
+/// A value as shown: digests shortened like `docker images` does, everything else as JSON.
+fn show(value: &Value) -> String {
+    if let Value::String(s) = value
+        && let Ok(digest) = s.parse::<Digest>()
+    {
+        return format!("sha256:{}", digest.short());
+    }
+    value.to_string()
+}
+
+fn describe(s: &Schedule) -> String {
+    let duration = humantime::format_duration(s.expected_duration);
+    let batches = match s.batches.as_slice() {
+        [one] => format!("1 batch of {one}"),
+        all => {
+            let largest = all.iter().copied().max().unwrap_or(0);
+            let even = all.iter().all(|b| *b == largest);
+            let of = if even { "of" } else { "of up to" };
+            format!("{} batches {of} {largest}", all.len())
+        }
+    };
+    let surge = if s.surge > 0 {
+        format!(" (surge {})", s.surge)
+    } else {
+        String::new()
+    };
+    let how = match s.strategy {
+        Strategy::Rolling => format!("rolling in {batches}{surge}, about {duration}"),
+        Strategy::BlueGreen => {
+            let promote = if s.waits_for_promotion {
+                "`kiln rollout promote`"
+            } else {
+                "they are healthy"
+            };
+            format!(
+                "blue/green: {} new instances in {batches}{surge}, about {duration}, \
+                 then all traffic switches after {promote}",
+                s.instances
+            )
+        }
+        Strategy::Canary => {
+            let steps: Vec<String> = s
+                .steps
+                .iter()
+                .map(|step| match step.pause {
+                    Some(p) => format!("{}% for {}", step.weight, humantime::format_duration(p)),
+                    None => format!("{}% until promoted", step.weight),
+                })
+                .collect();
+            let plural = if s.instances == 1 { "" } else { "s" };
+            format!(
+                "canary with {} instance{plural}{surge}, about {duration}: {}, then 100%",
+                s.instances,
+                steps.join(", ")
+            )
+        }
+    };
+    format!("{how}; {}", s.rollback)
+}
