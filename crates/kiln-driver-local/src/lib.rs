@@ -1,0 +1,528 @@
+//! The local runtime: each instance is a sandboxed process on this machine, started from its
+//! image's root filesystem mounted read-only.
+//!
+//! With bubblewrap (`bwrap` on `PATH`, or `$KILN_BWRAP`) an instance runs as
+//!
+//! ```text
+//! bwrap --ro-bind ROOTFS / --dev /dev --proc /proc --tmpfs /tmp --tmpfs /run \
+//!       --unshare-pid --unshare-ipc --unshare-uts --unshare-cgroup-try --new-session \
+//!       [--unshare-user --uid U --gid G] [--cap-drop ALL] --clearenv --setenv K V… \
+//!       --chdir WORKDIR -- ARGS…
+//! ```
+//!
+//! The root is read-only and nothing of the host's file system is visible; the network is the
+//! host's, so kiln's proxy reaches the app on its `PORT`. An image without `/dev`, `/proc`,
+//! `/tmp` and `/run` directories gets a tmpfs root holding read-only binds of its top-level
+//! entries, remounted read-only. Run by root, the app keeps no capabilities (`--cap-drop
+//! ALL`; bubblewrap also sets no_new_privs) and runs as the image's user when the spec names
+//! one (inside a user namespace: that is the only way bubblewrap changes the uid).
+//!
+//! There is deliberately no `--die-with-parent`: instances outlive a killed kiln server, which
+//! re-adopts them from the runtime directory on restart. bubblewrap is spawned in its own
+//! process group with stdin from `/dev/null` and stdout and stderr appended to the log file,
+//! and reaped by a background thread, so no zombie lingers while the server lives.
+//!
+//! Without bubblewrap, root runs the app with `chroot ROOTFS ARGS…` and a loud warning: the
+//! root is then **not** read-only and the app is not isolated beyond its file system view.
+//! Otherwise `start` fails with [`DriverError::Unavailable`].
+//!
+//! # Identity and stopping
+//!
+//! The runtime directory holds one [`Record`] per instance (`<id>.json`, written atomically).
+//! Processes are named by pid *and* start time (field 22 of `/proc/<pid>/stat`), so a reused
+//! pid is never mistaken for an instance. Under bubblewrap the instance is its pid namespace:
+//! `stop` sends SIGTERM to every process in it (also those that left the app's process group),
+//! waits up to the grace period, then SIGKILLs the namespace's init, which makes the kernel
+//! kill everything in it. Under `chroot` the instance is its process group.
+//!
+//! Exit codes are what bubblewrap reports: an app killed by signal N exits with 128 + N. An
+//! exit is known only to the driver value that spawned the instance (its reaper thread saw
+//! it); a driver that re-adopted an instance reports `Gone` once nothing of it runs. The
+//! chroot fallback mounts nothing: the app gets no `/dev` or `/proc` unless the image ships
+//! them.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use kiln_core::clock::SystemClock;
+//! use kiln_driver::{Driver, InstanceSpec};
+//! use kiln_driver_local::LocalDriver;
+//!
+//! let driver = LocalDriver::new(".kiln/run".into(), Arc::new(SystemClock));
+//! let spec = InstanceSpec::new("web-v1-3f9a1c", "web", 1, 41001)
+//!     .with_rootfs(".kiln/rootfs/web-v1")
+//!     .with_args(["/app/web"])
+//!     .with_log_path(".kiln/logs/web-v1-3f9a1c.log");
+//! let handle = driver.start(&spec)?;
+//! // ... after a restart, a new driver over the same directory finds it again:
+//! let again = LocalDriver::new(".kiln/run".into(), Arc::new(SystemClock));
+//! for handle in again.running()? {
+//!     again.stop(&handle, Duration::from_secs(10))?;
+//! }
+//! # Ok::<(), kiln_driver::DriverError>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kiln_core::clock::Clock;
+use kiln_driver::{Driver, DriverError, Handle, InstanceSpec, Status};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+mod procfs;
+mod record;
+mod sandbox;
+
+pub use record::{NsInit, Proc, Record, SandboxKind};
+pub use sandbox::Sandbox;
+
+const NAME: &str = "local";
+
+/// How often `stop` and `start` look at `/proc`.
+const POLL: Duration = Duration::from_millis(10);
+/// How long `start` waits for bubblewrap to create the sandbox.
+const SANDBOX_SETUP: Duration = Duration::from_secs(5);
+/// How long a SIGKILLed instance may take to disappear before `stop` reports an error.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long `status` and `stop` wait for the reaper thread to collect an exit it is about to
+/// see.
+const REAP_WAIT: Duration = Duration::from_secs(2);
+
+/// The local runtime driver. See the [crate docs](crate).
+pub struct LocalDriver {
+    runtime_dir: PathBuf,
+    clock: Arc<dyn Clock>,
+    sandbox: Option<Sandbox>,
+    children: Arc<Children>,
+}
+
+impl std::fmt::Debug for LocalDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDriver")
+            .field("runtime_dir", &self.runtime_dir)
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Exits of the instances this driver value spawned, as its reaper threads see them.
+#[derive(Debug, Default)]
+struct Children {
+    exits: Mutex<HashMap<String, Reaped>>,
+    changed: Condvar,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reaped {
+    /// The reaper is still waiting.
+    Live,
+    /// It exited with this code (`None`: killed by a signal).
+    Exited(Option<i32>),
+}
+
+impl Children {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Reaped>> {
+        self.exits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The exit of `id` if this driver spawned it, waiting briefly when its process is already
+    /// gone but the reaper has not recorded it yet.
+    fn exit(&self, id: &str) -> Option<Option<i32>> {
+        let guard = self.lock();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, REAP_WAIT, |m| m.get(id) == Some(&Reaped::Live))
+            .unwrap_or_else(|e| e.into_inner());
+        match guard.get(id) {
+            Some(Reaped::Exited(code)) => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn reap(&self, id: &str, mut child: Child) {
+        let code = match child.wait() {
+            Ok(status) => status.code(),
+            Err(e) => {
+                tracing::warn!(instance = %id, "waiting for the instance failed: {e}");
+                None
+            }
+        };
+        tracing::info!(instance = %id, ?code, "instance exited");
+        if let Some(state) = self.lock().get_mut(id) {
+            *state = Reaped::Exited(code);
+        }
+        self.changed.notify_all();
+    }
+}
+
+impl LocalDriver {
+    /// A driver keeping its records in `runtime_dir` (e.g. `.kiln/run`), sandboxing with what
+    /// [`Sandbox::detect`] finds.
+    pub fn new(runtime_dir: PathBuf, clock: Arc<dyn Clock>) -> Self {
+        let sandbox = Sandbox::detect();
+        match &sandbox {
+            Some(Sandbox::Chroot { .. }) => tracing::warn!(
+                "bubblewrap not found: instances will run with chroot, their root NOT \
+                 read-only and NOT isolated; install bubblewrap"
+            ),
+            None => tracing::warn!(
+                "neither bubblewrap nor root for chroot: the local runtime cannot start \
+                 instances"
+            ),
+            Some(Sandbox::Bubblewrap { .. }) => {}
+        }
+        Self::with_sandbox(runtime_dir, clock, sandbox)
+    }
+
+    /// A driver with an explicit sandbox choice (`None`: every start fails).
+    pub fn with_sandbox(
+        runtime_dir: PathBuf,
+        clock: Arc<dyn Clock>,
+        sandbox: Option<Sandbox>,
+    ) -> Self {
+        Self {
+            runtime_dir,
+            clock,
+            sandbox,
+            children: Arc::default(),
+        }
+    }
+
+    /// The sandbox instances run in.
+    pub fn sandbox(&self) -> Option<&Sandbox> {
+        self.sandbox.as_ref()
+    }
+
+    fn record(handle: &Handle) -> Result<Record, DriverError> {
+        let record: Record =
+            serde_json::from_value(handle.data.clone()).map_err(|e| DriverError::BadHandle {
+                driver: NAME,
+                id: handle.id.clone(),
+                reason: e.to_string(),
+            })?;
+        if record.id != handle.id || record.version != record::VERSION {
+            return Err(DriverError::BadHandle {
+                driver: NAME,
+                id: handle.id.clone(),
+                reason: format!(
+                    "expected a version {} record for {}, found version {} for {}",
+                    record::VERSION,
+                    handle.id,
+                    record.version,
+                    record.id
+                ),
+            });
+        }
+        Ok(record)
+    }
+
+    fn handle(record: &Record) -> Result<Handle, DriverError> {
+        let data = serde_json::to_value(record)
+            .map_err(|e| DriverError::runtime("record", &record.id, e.into()))?;
+        Ok(Handle {
+            id: record.id.clone(),
+            data,
+        })
+    }
+
+    fn spawn(&self, spec: &InstanceSpec, sandbox: &Sandbox) -> Result<Record, DriverError> {
+        let rt = |e: io::Error| DriverError::runtime("start", &spec.id, e);
+        let mut cmd = sandbox.command(spec)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_path)
+            .map_err(|e| {
+                rt(io::Error::new(
+                    e.kind(),
+                    format!("open log {}: {e}", spec.log_path.display()),
+                ))
+            })?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(rt)?)
+            .stderr(log)
+            .process_group(0);
+        if let Sandbox::Chroot { .. } = sandbox {
+            tracing::warn!(
+                instance = %spec.id,
+                "bubblewrap not found: running under chroot; the root is NOT read-only and the \
+                 instance is NOT isolated"
+            );
+        }
+        let mut child = cmd.spawn().map_err(rt)?;
+        let pid = i32::try_from(child.id()).map_err(|e| rt(io::Error::other(e)))?;
+        // Not reaped yet, so the pid (maybe a zombie) still names our child.
+        let leader = procfs::stat(pid)
+            .map(|s| Proc {
+                pid,
+                start: s.start,
+            })
+            .ok_or_else(|| rt(io::Error::other("the spawned process has no /proc entry")));
+        let leader = match leader {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let init = match sandbox {
+            Sandbox::Bubblewrap { .. } => match find_init(&mut child, leader) {
+                Ok(init) => init,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(rt(e));
+                }
+            },
+            Sandbox::Chroot { .. } => None,
+        };
+        let record = Record {
+            version: record::VERSION,
+            id: spec.id.clone(),
+            service: spec.service.clone(),
+            release: spec.release,
+            port: spec.port,
+            program: spec.args[0].clone(),
+            rootfs: spec.rootfs.clone(),
+            log_path: spec.log_path.clone(),
+            sandbox: sandbox.kind(),
+            leader,
+            init,
+            started_at: humantime::format_rfc3339_seconds(self.clock.now()).to_string(),
+        };
+        if let Err(e) = record.write(&self.runtime_dir) {
+            // No record, no instance: an untracked process would be an orphan.
+            let _ = kill_all(&record, Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(rt(e));
+        }
+        self.children.lock().insert(spec.id.clone(), Reaped::Live);
+        let children = Arc::clone(&self.children);
+        let id = spec.id.clone();
+        let reaper = std::thread::Builder::new()
+            .name(format!("kiln-reap-{id}"))
+            .spawn(move || children.reap(&id, child));
+        if let Err(e) = reaper {
+            // The child is dropped unreaped: it becomes a zombie until kiln exits, but runs.
+            tracing::warn!(instance = %spec.id, "could not start the reaper thread: {e}");
+        }
+        Ok(record)
+    }
+}
+
+/// Waits for bubblewrap's child, the init of the sandbox's pid namespace. `None` if the app
+/// already exited.
+fn find_init(child: &mut Child, leader: Proc) -> io::Result<Option<NsInit>> {
+    let tries = SANDBOX_SETUP.as_millis() / POLL.as_millis();
+    for _ in 0..tries {
+        if let Some(init) = init_of(leader) {
+            return Ok(Some(init));
+        }
+        if child.try_wait()?.is_some() || !leader.alive() {
+            return Ok(None);
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "bubblewrap did not create its sandbox within {}",
+            humantime::format_duration(SANDBOX_SETUP)
+        ),
+    ))
+}
+
+/// The child of bubblewrap's monitor `leader` that lives in another pid namespace.
+fn init_of(leader: Proc) -> Option<NsInit> {
+    if !leader.alive() {
+        return None;
+    }
+    let own_ns = procfs::pid_ns(leader.pid)?;
+    procfs::find(|_, s| s.ppid == leader.pid)
+        .into_iter()
+        .find_map(|(pid, s)| {
+            let ns = procfs::pid_ns(pid)?;
+            (ns != own_ns).then_some(NsInit {
+                proc: Proc {
+                    pid,
+                    start: s.start,
+                },
+                ns,
+            })
+        })
+}
+
+/// Every running process of the instance except the namespace init: what gets SIGTERM.
+fn members(record: &Record) -> Vec<i32> {
+    match (&record.sandbox, &record.init) {
+        (SandboxKind::Bubblewrap, Some(init)) if init.proc.alive() => {
+            procfs::find(|pid, _| pid != init.proc.pid)
+                .into_iter()
+                .filter(|(pid, _)| procfs::pid_ns(*pid).as_deref() == Some(init.ns.as_str()))
+                .map(|(pid, _)| pid)
+                .collect()
+        }
+        (SandboxKind::Bubblewrap, _) => Vec::new(),
+        (SandboxKind::Chroot, _) => procfs::find(|_, s| s.pgrp == record.leader.pid)
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect(),
+    }
+}
+
+/// Sends `signal` to the whole instance. SIGTERM goes to each of its processes; SIGKILL to
+/// the namespace init (the kernel then kills the rest) and bubblewrap's monitor, or to the
+/// process group under chroot.
+fn kill_all(record: &Record, signal: Signal) -> nix::Result<()> {
+    let send = |pid: i32| match kill(Pid::from_raw(pid), signal) {
+        // Gone meanwhile: nothing to signal.
+        Err(nix::errno::Errno::ESRCH) => Ok(()),
+        other => other,
+    };
+    match record.sandbox {
+        SandboxKind::Chroot => match killpg(Pid::from_raw(record.leader.pid), signal) {
+            Err(nix::errno::Errno::ESRCH) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        },
+        SandboxKind::Bubblewrap if signal == Signal::SIGKILL => {
+            if let Some(init) = record.init.as_ref().filter(|i| i.proc.alive()) {
+                send(init.proc.pid)?;
+            }
+            if record.leader.alive() {
+                send(record.leader.pid)?;
+            }
+            Ok(())
+        }
+        SandboxKind::Bubblewrap => members(record).into_iter().try_for_each(send),
+    }
+}
+
+/// Polls until nothing of the instance runs; `false` if it still does after `within`.
+fn wait_gone(record: &Record, within: Duration) -> bool {
+    let tries = within.as_millis().div_ceil(POLL.as_millis()).max(1);
+    for _ in 0..tries {
+        if !record.anything_alive() {
+            return true;
+        }
+        std::thread::sleep(POLL);
+    }
+    !record.anything_alive()
+}
+
+impl Driver for LocalDriver {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn start(&self, spec: &InstanceSpec) -> Result<Handle, DriverError> {
+        spec.validate()?;
+        let Some(sandbox) = &self.sandbox else {
+            return Err(DriverError::Unavailable {
+                driver: NAME,
+                reason: "expected bubblewrap (bwrap on PATH or $KILN_BWRAP), or root for the \
+                         chroot fallback; found neither (install bubblewrap)"
+                    .to_owned(),
+            });
+        };
+        fs::create_dir_all(&self.runtime_dir)
+            .map_err(|e| DriverError::runtime("start", &spec.id, e))?;
+        let path = Record::path(&self.runtime_dir, &spec.id);
+        if let Ok(bytes) = fs::read(&path)
+            && let Ok(old) = serde_json::from_slice::<Record>(&bytes)
+            && old.anything_alive()
+        {
+            return Err(DriverError::InvalidSpec {
+                id: spec.id.clone(),
+                reason: "expected a new instance id, found a running instance with it".into(),
+            });
+        }
+        let record = self.spawn(spec, sandbox)?;
+        tracing::info!(
+            instance = %spec.id,
+            pid = record.leader.pid,
+            sandbox = ?record.sandbox,
+            port = spec.port,
+            "instance started"
+        );
+        Self::handle(&record)
+    }
+
+    fn status(&self, handle: &Handle) -> Result<Status, DriverError> {
+        let record = Self::record(handle)?;
+        if record.leader.alive() {
+            return Ok(Status::Running);
+        }
+        if let Some(code) = self.children.exit(&record.id) {
+            return Ok(Status::Exited { code });
+        }
+        // The app is gone but something it started still runs in its sandbox: the instance
+        // ended, and `stop` will clean up.
+        if record.anything_alive() {
+            return Ok(Status::Exited { code: None });
+        }
+        Ok(Status::Gone)
+    }
+
+    fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), DriverError> {
+        let mut record = Self::record(handle)?;
+        let err = |e: io::Error, retryable| DriverError::Runtime {
+            op: "stop",
+            id: record.id.clone(),
+            source: e,
+            retryable,
+        };
+        if record.sandbox == SandboxKind::Bubblewrap && record.init.is_none() {
+            // Started before its namespace init was seen (it exited at once); look again.
+            record.init = init_of(record.leader);
+        }
+        if record.anything_alive() {
+            kill_all(&record, Signal::SIGTERM).map_err(|e| err(e.into(), true))?;
+            if !wait_gone(&record, grace) {
+                tracing::info!(instance = %record.id, "grace period over: SIGKILL");
+                kill_all(&record, Signal::SIGKILL).map_err(|e| err(e.into(), true))?;
+                if !wait_gone(&record, KILL_WAIT) {
+                    return Err(err(
+                        io::Error::new(io::ErrorKind::TimedOut, "still running after SIGKILL"),
+                        true,
+                    ));
+                }
+            }
+        }
+        // Our own child: wait until the reaper collected it, so no zombie is left.
+        let _ = self.children.exit(&record.id);
+        self.children.lock().remove(&record.id);
+        self.children.changed.notify_all();
+        Record::remove(&self.runtime_dir, &record.id).map_err(|e| err(e, true))?;
+        tracing::info!(instance = %record.id, "instance stopped");
+        Ok(())
+    }
+
+    fn running(&self) -> Result<Vec<Handle>, DriverError> {
+        let records = Record::read_all(&self.runtime_dir)
+            .map_err(|e| DriverError::runtime("list", "*", e))?;
+        let mut out = Vec::new();
+        for (path, record) in records {
+            match record {
+                Ok(record) if record.anything_alive() => out.push(Self::handle(&record)?),
+                Ok(record) => {
+                    tracing::debug!(instance = %record.id, "removing the record of a gone instance");
+                    if let Err(e) = Record::remove(&self.runtime_dir, &record.id) {
+                        tracing::warn!(instance = %record.id, "removing a stale record: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "skipping an unreadable run record: {e}");
+                }
+            }
+        }
+        Ok(out)
+    }
+}
