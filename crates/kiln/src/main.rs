@@ -27,9 +27,28 @@ enum Command {
     /// List, inspect, verify, export and remove images in the store.
     #[command(subcommand)]
     Images(cmd::images::Command),
+    /// Show what applying the config would change.
+    Plan(cmd::deploy::PlanArgs),
+    /// Apply a plan (a saved one, or a fresh one after confirmation).
+    Apply(cmd::deploy::ApplyArgs),
+    /// Bake, start the local server if needed, and apply without asking.
+    Up,
+    /// Stop every instance and the server, keeping the state.
+    Down(cmd::deploy::DownArgs),
+    /// Run the control plane in the foreground.
+    Server,
+    /// Show services, releases, instances, health and traffic.
+    Status(cmd::inspect::StatusArgs),
+    /// List a service's releases.
+    Releases(cmd::inspect::ReleasesArgs),
+    /// Print instance logs.
+    Logs(cmd::inspect::LogsArgs),
+    /// Inspect the state: versions, lock.
+    #[command(subcommand)]
+    State(cmd::inspect::StateCommand),
 }
 
-/// Exit codes: 0 success, 1 error. (`--detailed-exitcode` adds 2 where a command documents it.)
+/// Exit codes: 0 success, 1 error; `--detailed-exitcode` adds 2 (changes) where documented.
 fn main() -> ExitCode {
     let cli = Cli::parse_from(project::terraform_style_args(std::env::args_os()));
     ui::init_tracing();
@@ -37,6 +56,15 @@ fn main() -> ExitCode {
         Command::Validate(args) => cmd::validate::run(&cli.global, &args),
         Command::Bake(args) => cmd::bake::run(&cli.global, &args),
         Command::Images(command) => cmd::images::run(&cli.global, command),
+        Command::Plan(args) => cmd::deploy::plan(&cli.global, &args),
+        Command::Apply(args) => cmd::deploy::apply(&cli.global, &args),
+        Command::Up => cmd::deploy::up(&cli.global),
+        Command::Down(args) => cmd::deploy::down(&cli.global, &args),
+        Command::Server => cmd::server::run(&cli.global),
+        Command::Status(args) => cmd::inspect::status(&cli.global, &args),
+        Command::Releases(args) => cmd::inspect::releases(&cli.global, &args),
+        Command::Logs(args) => cmd::inspect::logs(&cli.global, &args),
+        Command::State(command) => cmd::inspect::state(&cli.global, command),
     };
     match result {
         Ok(code) => code,

@@ -153,6 +153,13 @@ pub struct Summary {
     pub delete: usize,
 }
 
+impl Summary {
+    /// Every change counted.
+    pub fn total(&self) -> usize {
+        self.create + self.replace + self.update + self.delete
+    }
+}
+
 impl Plan {
     /// Whether applying the plan would change anything.
     pub fn has_changes(&self) -> bool {

@@ -1,5 +1,8 @@
 //! One module per command.
 
 pub mod bake;
+pub mod deploy;
 pub mod images;
+pub mod inspect;
+pub mod server;
 pub mod validate;

@@ -1,6 +1,8 @@
 //! Runs the real `kiln` binary in a scratch project directory.
 
 #![allow(dead_code, clippy::unwrap_used)]
+// Waits here are bounded polls of a real server from outside; there is no clock to move.
+#![allow(clippy::disallowed_methods)]
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -119,5 +121,122 @@ impl Project {
             cmd.env(k, v);
         }
         Run::from(&cmd.output().unwrap())
+    }
+}
+
+/// Every process whose command line mentions this project's directory, by the instance id in
+/// its environment (`KILN_INSTANCE_ID`), or `"?"` when it has none.
+pub fn instance_processes(p: &Project) -> Vec<String> {
+    let needle = p.path().to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(&needle) || cmdline.contains(" server") {
+            continue;
+        }
+        let environ = fs::read(entry.path().join("environ")).unwrap_or_default();
+        let id = environ
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(b"KILN_INSTANCE_ID="))
+            .map_or_else(
+                || "?".to_owned(),
+                |v| String::from_utf8_lossy(v).into_owned(),
+            );
+        found.push(id);
+    }
+    found
+}
+
+fn pids_of_instance(p: &Project, id: &str) -> Vec<i32> {
+    let needle = p.path().to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmdline).contains(&needle) {
+            continue;
+        }
+        let environ = fs::read(entry.path().join("environ")).unwrap_or_default();
+        if environ
+            .split(|b| *b == 0)
+            .any(|kv| kv == format!("KILN_INSTANCE_ID={id}").as_bytes())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Kills an instance's processes with SIGKILL, as an operator or the OOM killer would.
+pub fn kill_instance(p: &Project, id: &str) {
+    let pids = pids_of_instance(p, id);
+    assert!(!pids.is_empty(), "no process found for instance {id}");
+    for pid in pids {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+}
+
+/// Kills the project's server with SIGKILL.
+pub fn kill_server(p: &Project) {
+    let pid = fs::read_to_string(p.path().join(".kiln/server.pid")).unwrap();
+    let status = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The pid file stays behind, as after a real crash; wait until the process is gone.
+    assert!(wait_for(std::time::Duration::from_secs(5), || !Path::new(
+        &format!("/proc/{}", pid.trim())
+    )
+    .exists()));
+}
+
+/// Polls `f` every 100 ms until it is true or `timeout` passes.
+pub fn wait_for(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+impl Drop for Project {
+    /// Whatever a test did, nothing of kiln's may outlive it: `kiln down`, then kill what is
+    /// left of this project (a killed server's instances, if a test failed half way).
+    fn drop(&mut self) {
+        if self.path().join(".kiln/kiln.sock").exists() {
+            let _ = self.kiln(&["down", "--auto-approve"]);
+        }
+        if let Ok(pid) = fs::read_to_string(self.path().join(".kiln/server.pid")) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        let needle = self.path().to_string_lossy().into_owned();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
     }
 }

@@ -1,0 +1,458 @@
+//! The engine: the one owner of a project's running world.
+//!
+//! It holds the state (as last persisted), the runtime driver and the proxy. Changes come from
+//! two places only: an apply (a plan the user approved) and the reconcile loop, which observes
+//! instances and health and asks the pure core ([`kiln_core::rollout`]) what to do next. Every
+//! decision is persisted before it is carried out, so a killed server resumes from the state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_bake::Store;
+use kiln_core::clock::Clock;
+use kiln_core::plan::Plan;
+use kiln_core::rollout::{self, Backoff};
+use kiln_core::state::{Release, ReleaseStatus, ServiceState, State};
+use kiln_driver::Driver;
+use kiln_proxy::Proxy;
+use kiln_state::{LockInfo, LockRequest, NewEvent, StateStore, WriteMeta};
+use tokio::sync::Notify;
+
+use crate::api::{self, ApplyRequest, ApplyResponse};
+use crate::error::{Error, Result};
+use crate::paths::Paths;
+
+/// How the engine behaves.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The project's `.kiln` directory.
+    pub paths: Paths,
+    /// The image store (by default `.kiln/store`).
+    pub store: std::path::PathBuf,
+    /// How long a removed instance may take to finish its requests.
+    pub drain_timeout: Duration,
+    /// How long an instance has to exit after SIGTERM.
+    pub stop_grace: Duration,
+    /// How often the reconcile loop looks at the world when nothing wakes it.
+    pub tick: Duration,
+    /// The lease of the state lock; renewed every tick while a rollout runs.
+    pub lock_lease: Duration,
+}
+
+impl EngineConfig {
+    /// Defaults for a project whose `.kiln` directory is `paths`.
+    pub fn new(paths: Paths) -> Self {
+        Self {
+            store: paths.store(),
+            paths,
+            drain_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(10),
+            tick: Duration::from_millis(200),
+            lock_lease: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The running world of one project.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) cfg: EngineConfig,
+    pub(crate) db: Mutex<StateStore>,
+    pub(crate) images: Store,
+    pub(crate) driver: Arc<dyn Driver>,
+    pub(crate) proxy: Proxy,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) world: tokio::sync::Mutex<World>,
+    pub(crate) wake: Notify,
+    pub(crate) started_at: SystemTime,
+}
+
+/// The engine's view of the world, guarded by one lock.
+pub(crate) struct World {
+    pub(crate) state: State,
+    pub(crate) serial: u64,
+    pub(crate) lineage: String,
+    /// The state lock, held while any rollout runs.
+    pub(crate) lock: Option<LockInfo>,
+    pub(crate) backoff: BTreeMap<String, Backoff>,
+    /// Instances a background task is draining and stopping.
+    pub(crate) retiring: BTreeSet<String>,
+    /// Where each balancer really listens.
+    pub(crate) bound: BTreeMap<String, SocketAddr>,
+    /// Events to persist with the next write.
+    pub(crate) events: Vec<NewEvent>,
+    /// Whether `state` differs from what was last persisted.
+    pub(crate) dirty: bool,
+}
+
+/// Milliseconds since 1970 of `t`.
+pub(crate) fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// RFC 3339, to the second.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl World {
+    pub(crate) fn event(&mut self, service: Option<&str>, kind: &str, message: String) {
+        tracing::info!(service, kind, "{message}");
+        self.events.push(NewEvent {
+            service: service.map(str::to_owned),
+            kind: kind.to_owned(),
+            message,
+            data: serde_json::Value::Null,
+        });
+    }
+}
+
+impl Engine {
+    /// Opens the project's state and starts nothing yet; call [`Engine::recover`] next.
+    pub fn open(
+        cfg: EngineConfig,
+        driver: Arc<dyn Driver>,
+        proxy: Proxy,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        cfg.paths
+            .create()
+            .map_err(Error::io("create", &cfg.paths.root))?;
+        let now = clock.now();
+        let db = StateStore::open(&cfg.paths.state_db(), now)?;
+        let current = db.read::<State>()?;
+        let images = Store::open(&cfg.store)?;
+        let world = World {
+            state: current.doc,
+            serial: current.serial,
+            lineage: current.lineage,
+            lock: None,
+            backoff: BTreeMap::new(),
+            retiring: BTreeSet::new(),
+            bound: BTreeMap::new(),
+            events: Vec::new(),
+            dirty: false,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cfg,
+                db: Mutex::new(db),
+                images,
+                driver,
+                proxy,
+                clock,
+                world: tokio::sync::Mutex::new(world),
+                wake: Notify::new(),
+                started_at: now,
+            }),
+        })
+    }
+
+    /// The proxy, for tests and the server.
+    pub fn proxy(&self) -> &Proxy {
+        &self.shared.proxy
+    }
+
+    /// Wakes the reconcile loop now.
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Writes the world to the state store if it changed, with the pending events.
+    pub(crate) fn persist(&self, world: &mut World, operation: &str) -> Result<()> {
+        if !world.dirty && world.events.is_empty() {
+            return Ok(());
+        }
+        let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.shared.clock.now();
+        if world.dirty {
+            let meta = WriteMeta {
+                actor: actor(),
+                operation: operation.to_owned(),
+            };
+            world.serial = db.write(world.serial, &world.state, &meta, &world.events, now)?;
+        } else {
+            db.append_events(&world.events, now)?;
+        }
+        world.events.clear();
+        world.dirty = false;
+        Ok(())
+    }
+
+    /// Applies a plan: records new releases and rollout journals, then lets the reconcile loop
+    /// carry them out. Refuses a plan made against another state or an older serial, and refuses
+    /// while another apply's rollout holds the state lock.
+    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse> {
+        let mut world = self.shared.world.lock().await;
+        let versions = {
+            let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
+            db.versions()?
+        };
+        check_plan(&req.plan, &world, &versions)?;
+        let now = self.shared.clock.now();
+        if world.lock.is_none() {
+            let lease = self.shared.cfg.lock_lease;
+            let info = {
+                let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
+                db.lock(
+                    &LockRequest {
+                        operation: "apply".to_owned(),
+                        who: req.actor.clone(),
+                        info: format!("deploy {}", req.plan.config_hash),
+                        lease,
+                    },
+                    now,
+                )?
+            };
+            world.lock = Some(info);
+        } else if let Some(lock) = &world.lock {
+            return Err(Error::State(kiln_state::Error::Locked(Box::new(
+                lock.clone(),
+            ))));
+        }
+
+        let deployment_id = uuid::Uuid::new_v4().to_string();
+        let mut releases = BTreeMap::new();
+        for change in &req.plan.resource_changes {
+            let actions: Vec<&str> = change.change.actions.iter().map(String::as_str).collect();
+            match (change.kind.as_str(), actions.as_slice()) {
+                ("kiln_service", ["create"] | ["create", "delete"]) => {
+                    let spec = req.plan.services[&change.name].clone();
+                    let number = new_release(&mut world, &spec, &req, &deployment_id, now);
+                    releases.insert(change.name.clone(), number);
+                }
+                ("kiln_service", ["update"]) => {
+                    let spec = req.plan.services[&change.name].clone();
+                    if let Some(s) = world.state.services.get_mut(&change.name) {
+                        s.spec = spec;
+                    }
+                    world.event(
+                        Some(&change.name),
+                        "updated",
+                        change.action_reason.clone().unwrap_or_default(),
+                    );
+                }
+                ("kiln_service", ["delete"]) => {
+                    if let Some(s) = world.state.services.get_mut(&change.name) {
+                        // Zero instances wanted marks a service being deleted: the reconcile
+                        // loop retires its instances and then forgets it.
+                        s.spec.instances = 0;
+                        s.rollout = None;
+                    }
+                    world.event(Some(&change.name), "deleting", "not in config".to_owned());
+                }
+                ("kiln_balancer", ["create"] | ["update"]) => {
+                    let spec = req.plan.balancers[&change.name].clone();
+                    world.state.balancers.insert(change.name.clone(), spec);
+                }
+                ("kiln_balancer", ["delete"]) => {
+                    world.state.balancers.remove(&change.name);
+                }
+                _ => {}
+            }
+        }
+        world.dirty = true;
+        world.event(
+            None,
+            "apply",
+            format!(
+                "deployment {deployment_id} by {}: {} change(s)",
+                req.actor,
+                req.plan.summary().total()
+            ),
+        );
+        self.persist(&mut world, "apply")?;
+        let serial = world.serial;
+        self.sync_balancers(&mut world).await?;
+        drop(world);
+        self.wake();
+        Ok(ApplyResponse {
+            deployment_id,
+            releases,
+            serial,
+        })
+    }
+
+    /// What runs now.
+    pub async fn status(&self) -> api::Status {
+        let world = self.shared.world.lock().await;
+        let snapshot = self.shared.proxy.snapshot();
+        let now = self.shared.clock.now();
+        let services = world
+            .state
+            .services
+            .iter()
+            .map(|(name, s)| crate::reconcile::service_status(self, name, s, &snapshot, now))
+            .collect();
+        let balancers = world
+            .state
+            .balancers
+            .values()
+            .map(|b| api::BalancerStatus {
+                name: b.name.clone(),
+                listen: b.listen.clone(),
+                bound: world.bound.get(&b.name).map(ToString::to_string),
+            })
+            .collect();
+        api::Status {
+            lineage: world.lineage.clone(),
+            serial: world.serial,
+            server: api::ServerInfo {
+                pid: std::process::id(),
+                started_at: rfc3339(self.shared.started_at),
+                driver: self.shared.driver.name().to_owned(),
+                sandbox: String::new(),
+            },
+            services,
+            balancers,
+            lock: world.lock.clone(),
+        }
+    }
+
+    /// Events after `after`.
+    pub fn events(&self, after: u64) -> Result<Vec<kiln_state::Event>> {
+        let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(db.events(after, 1000)?)
+    }
+
+    /// Binds listeners for new balancers, closes removed ones, and sets every route.
+    pub(crate) async fn sync_balancers(&self, world: &mut World) -> Result<()> {
+        let proxy = &self.shared.proxy;
+        let wanted: BTreeSet<String> = world.state.balancers.keys().cloned().collect();
+        let gone: Vec<String> = world
+            .bound
+            .keys()
+            .filter(|b| !wanted.contains(*b))
+            .cloned()
+            .collect();
+        for name in gone {
+            proxy.unbind(&name).await;
+            world.bound.remove(&name);
+        }
+        for (name, b) in &world.state.balancers {
+            if !world.bound.contains_key(name) {
+                let addr: SocketAddr = b.listen.parse().map_err(|_| {
+                    Error::Conflict(format!(
+                        "balancer `{name}`: bad listen address `{}`",
+                        b.listen
+                    ))
+                })?;
+                let bound = proxy.bind(name, addr).await?;
+                world.bound.insert(name.clone(), bound);
+                tracing::info!(balancer = %name, %bound, "listening");
+            }
+            let routes = b
+                .routes
+                .iter()
+                .map(|r| kiln_proxy::RouteTarget {
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    service: r.service.clone(),
+                })
+                .collect();
+            proxy.set_routes(name, routes);
+        }
+        Ok(())
+    }
+}
+
+/// Operations that record what runs (instances started, drained, adopted) without changing
+/// what was asked for. They do not make a saved plan stale: the plan depends only on the
+/// services, releases and balancers that applies write.
+pub(crate) const RUNTIME_OPERATIONS: [&str; 5] =
+    ["reconcile", "launch", "retire", "recover", "down"];
+
+/// Refuses a plan that was made against another state, or before a later apply.
+fn check_plan(plan: &Plan, world: &World, versions: &[kiln_state::VersionInfo]) -> Result<()> {
+    if plan.lineage != world.lineage {
+        return Err(Error::PlanRefused(format!(
+            "the plan was made for another state (lineage {}), not this one (lineage {}); run `kiln plan` here",
+            plan.lineage, world.lineage
+        )));
+    }
+    if plan.serial > world.serial {
+        return Err(Error::PlanRefused(format!(
+            "the plan was made against state serial {}, which this state (serial {}) never had; run `kiln plan` again",
+            plan.serial, world.serial
+        )));
+    }
+    if let Some(v) = versions
+        .iter()
+        .find(|v| v.serial > plan.serial && !RUNTIME_OPERATIONS.contains(&v.operation.as_str()))
+    {
+        return Err(Error::PlanRefused(format!(
+            "the plan is stale: it was made against state serial {}, and {} by {} changed the state since (serial {}); run `kiln plan` again",
+            plan.serial, v.operation, v.actor, v.serial
+        )));
+    }
+    Ok(())
+}
+
+/// Records release vN+1 of a service and starts its rollout journal.
+fn new_release(
+    world: &mut World,
+    spec: &kiln_core::state::ServiceSpec,
+    req: &ApplyRequest,
+    deployment_id: &str,
+    now: SystemTime,
+) -> u32 {
+    let service = world
+        .state
+        .services
+        .entry(spec.name.clone())
+        .or_insert_with(|| ServiceState {
+            spec: spec.clone(),
+            releases: Vec::new(),
+            stable: None,
+            instances: Vec::new(),
+            rollout: None,
+        });
+    let number = service.releases.last().map_or(1, |r| r.number + 1);
+    service.releases.push(Release {
+        number,
+        image: spec.image.clone(),
+        image_digest: spec.image_digest.clone(),
+        config_hash: spec.config_hash(),
+        port: spec.port,
+        env: spec.env.clone(),
+        git_commit: req.git_commit.clone(),
+        deployment_id: deployment_id.to_owned(),
+        created_at: rfc3339(now),
+        actor: req.actor.clone(),
+        status: ReleaseStatus::Pending,
+    });
+    service.spec = spec.clone();
+    let from = service.stable;
+    let journal = rollout::start(deployment_id, &spec.name, from, number, spec, ms(now));
+    service.rollout = Some(serde_json::to_value(&journal).unwrap_or(serde_json::Value::Null));
+    let message = match from {
+        Some(f) => format!("release v{number} created; rolling out from v{f}"),
+        None => format!("release v{number} created"),
+    };
+    world.event(Some(&spec.name), "release", message);
+    number
+}
+
+/// Who is acting: `user@host`.
+pub fn actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{user}@{host}")
+}

@@ -1,0 +1,21 @@
+//! kiln's control plane: the async shell around the pure core.
+//!
+//! The [`Engine`] owns a project's running world — state, the runtime driver, the proxy — and
+//! changes it only by applying a plan or through its reconcile loop, which observes instances
+//! and health, asks [`kiln_core::rollout`] what to do, persists the decision, and then acts.
+//! [`server::serve`] puts it behind a Unix socket; [`client::Client`] is the CLI's side.
+
+pub mod api;
+pub mod client;
+mod engine;
+mod error;
+mod launch;
+pub mod paths;
+mod reconcile;
+mod recover;
+pub mod rootfs;
+pub mod server;
+
+pub use engine::{Engine, EngineConfig, actor};
+pub use error::{Error, Result};
+pub use paths::Paths;

@@ -1,0 +1,460 @@
+//! The reconcile loop: observe, decide (in the pure core), persist, act.
+//!
+//! Each tick builds an [`Observed`] per service from the driver (is the process alive?) and
+//! the proxy (is it healthy, since when?), asks [`rollout::step`] (a rollout runs) or
+//! [`rollout::heal`] (none runs) what to do, persists the new journal and instance records,
+//! and only then carries the actions out. Launches are written ahead (the instance record
+//! exists before its process), retirements drain in the proxy before the process is stopped.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use kiln_core::rollout::{
+    self, Action, Backoff, HealSettings, InstanceHealth, Journal, Observed, ObservedInstance, Phase,
+};
+use kiln_core::state::{Instance, ReleaseStatus, ServiceState};
+use kiln_driver::{Handle, Status};
+use kiln_proxy::{BackendSpec, HealthCheck, Pool, ProxySnapshot, ServiceTable};
+
+use crate::api;
+use crate::engine::{Engine, World, ms, rfc3339};
+use crate::error::Result;
+
+impl Engine {
+    /// Runs the reconcile loop until `shutdown` resolves.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            if let Err(e) = self.tick().await {
+                tracing::error!("reconcile: {e}");
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.shared.wake.notified() => {}
+                () = tokio::time::sleep(self.shared.cfg.tick) => {}
+            }
+        }
+    }
+
+    /// One pass of observe → decide → persist → act.
+    pub async fn tick(&self) -> Result<()> {
+        let mut world = self.shared.world.lock().await;
+        let now = self.shared.clock.now();
+        let names: Vec<String> = world.state.services.keys().cloned().collect();
+        let mut work: Vec<(String, Vec<Action>)> = Vec::new();
+        for name in names {
+            let observed = self.observe(&world, &name, now);
+            let actions = decide(&mut world, &name, &observed, ms(now));
+            if !actions.is_empty() {
+                work.push((name, actions));
+            }
+        }
+        // Decisions are durable before they are carried out.
+        self.persist(&mut world, "reconcile")?;
+        for (service, actions) in work {
+            for action in actions {
+                if let Err(e) = self.perform(&mut world, &service, action, now) {
+                    world.event(Some(&service), "error", e.to_string());
+                }
+            }
+        }
+        forget_deleted(&mut world);
+        self.release_lock_if_idle(&mut world, now)?;
+        self.persist(&mut world, "reconcile")?;
+        self.sync_tables(&world);
+        Ok(())
+    }
+
+    /// What the driver and the proxy say about a service's instances.
+    fn observe(&self, world: &World, service: &str, now: SystemTime) -> Observed {
+        let Some(s) = world.state.services.get(service) else {
+            return Observed {
+                instances: Vec::new(),
+            };
+        };
+        let now_ms = ms(now);
+        let instances = s
+            .instances
+            .iter()
+            .map(|inst| {
+                let alive = match serde_json::from_value::<Handle>(inst.handle.clone()) {
+                    Ok(handle) => matches!(self.shared.driver.status(&handle), Ok(Status::Running)),
+                    // Not started yet (or its start failed): nothing runs.
+                    Err(_) => false,
+                };
+                let health = if !alive {
+                    InstanceHealth::Exited
+                } else {
+                    match self.shared.proxy.backend_health(&inst.id) {
+                        Some(h) => {
+                            let since = now_ms.saturating_sub(millis(h.since.elapsed()));
+                            if h.healthy {
+                                InstanceHealth::Healthy { since_ms: since }
+                            } else if h.passes == 0
+                                && h.checks > 0
+                                && was_ever_healthy(world, &inst.id)
+                            {
+                                InstanceHealth::Unhealthy { since_ms: since }
+                            } else {
+                                InstanceHealth::Starting
+                            }
+                        }
+                        None => InstanceHealth::Starting,
+                    }
+                };
+                ObservedInstance {
+                    id: inst.id.clone(),
+                    release: inst.release,
+                    started_ms: humantime::parse_rfc3339(&inst.started_at).map_or(now_ms, ms),
+                    health,
+                    routable: inst.routable,
+                    retiring: inst.retiring,
+                }
+            })
+            .collect();
+        Observed { instances }
+    }
+
+    /// Carries out one decision.
+    fn perform(
+        &self,
+        world: &mut World,
+        service: &str,
+        action: Action,
+        now: SystemTime,
+    ) -> Result<()> {
+        match action {
+            Action::Launch { release } => self.launch(world, service, release, now),
+            Action::Route { id } => {
+                if let Some(inst) = instance_mut(world, service, &id) {
+                    inst.routable = true;
+                    world.dirty = true;
+                }
+                Ok(())
+            }
+            Action::Retire { id } => {
+                self.retire(world, service, &id);
+                Ok(())
+            }
+            Action::SetStable { release } => {
+                if let Some(s) = world.state.services.get_mut(service) {
+                    s.stable = Some(release);
+                    world.dirty = true;
+                }
+                Ok(())
+            }
+            Action::MarkRelease { release, status } => {
+                if let Some(r) = world
+                    .state
+                    .services
+                    .get_mut(service)
+                    .and_then(|s| s.releases.iter_mut().find(|r| r.number == release))
+                {
+                    r.status = status;
+                    world.dirty = true;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Marks an instance retiring and, in the background, drains it and stops it; the record is
+    /// removed once the process is gone.
+    fn retire(&self, world: &mut World, service: &str, id: &str) {
+        let Some(inst) = instance_mut(world, service, id) else {
+            return;
+        };
+        inst.routable = false;
+        inst.retiring = true;
+        let handle = serde_json::from_value::<Handle>(inst.handle.clone()).ok();
+        world.dirty = true;
+        if !world.retiring.insert(id.to_owned()) {
+            return;
+        }
+        let engine = self.clone();
+        let service = service.to_owned();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let proxy = &engine.shared.proxy;
+            let outcome = proxy
+                .drain(&service, &id, engine.shared.cfg.drain_timeout)
+                .await;
+            tracing::debug!(instance = %id, ?outcome, "drained");
+            if let Some(handle) = handle {
+                let driver = engine.shared.driver.clone();
+                let grace = engine.shared.cfg.stop_grace;
+                let stopped =
+                    tokio::task::spawn_blocking(move || driver.stop(&handle, grace)).await;
+                if let Ok(Err(e)) = stopped {
+                    tracing::warn!(instance = %id, "stop failed: {e}");
+                }
+            }
+            let mut world = engine.shared.world.lock().await;
+            world.retiring.remove(&id);
+            if let Some(s) = world.state.services.get_mut(&service) {
+                s.instances.retain(|i| i.id != id);
+            }
+            world.dirty = true;
+            world.event(
+                Some(&service),
+                "stopped",
+                format!("instance {id} drained and stopped"),
+            );
+            if let Err(e) = engine.persist(&mut world, "retire") {
+                tracing::error!("persisting a retirement: {e}");
+            }
+            engine.sync_tables(&world);
+        });
+    }
+
+    /// Gives every service's instances to the proxy: one pool per release, weighted by how many
+    /// routable instances it has, so each routable instance gets an equal share.
+    pub(crate) fn sync_tables(&self, world: &World) {
+        for (name, s) in &world.state.services {
+            let mut pools: BTreeMap<u32, Pool> = BTreeMap::new();
+            for inst in &s.instances {
+                if inst.handle.is_null() {
+                    continue;
+                }
+                let pool = pools.entry(inst.release).or_insert_with(|| Pool {
+                    release: inst.release,
+                    weight: 0,
+                    backends: Vec::new(),
+                });
+                if inst.routable {
+                    pool.weight += 1;
+                }
+                pool.backends.push(BackendSpec {
+                    id: inst.id.clone(),
+                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], inst.port)),
+                    routable: inst.routable && !inst.retiring,
+                });
+            }
+            let health = s.spec.health.as_ref().map(|h| HealthCheck {
+                path: h.path.clone(),
+                interval: h.interval,
+                timeout: h.timeout,
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+            });
+            self.shared.proxy.set_service(
+                name,
+                ServiceTable {
+                    pools: pools.into_values().collect(),
+                    health,
+                },
+            );
+        }
+    }
+
+    /// Gives the state lock back once no rollout runs; renews its lease while one does.
+    fn release_lock_if_idle(&self, world: &mut World, now: SystemTime) -> Result<()> {
+        let Some(lock) = world.lock.clone() else {
+            return Ok(());
+        };
+        let busy = world.state.services.values().any(|s| s.rollout.is_some());
+        let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
+        if busy {
+            db.renew(&lock.id, self.shared.cfg.lock_lease, now)?;
+        } else {
+            db.unlock(&lock.id)?;
+            drop(db);
+            world.lock = None;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the pure decision for one service and applies its bookkeeping to the world.
+fn decide(world: &mut World, name: &str, observed: &Observed, now_ms: u64) -> Vec<Action> {
+    let Some(s) = world.state.services.get(name) else {
+        return Vec::new();
+    };
+    if let Some(journal) = s
+        .rollout
+        .clone()
+        .and_then(|j| serde_json::from_value::<Journal>(j).ok())
+    {
+        let (next, actions) = rollout::step(&journal, observed, now_ms);
+        let finished = matches!(next.phase, Phase::Succeeded | Phase::Failed { .. });
+        let new_entries: Vec<String> = next.log[journal.log.len().min(next.log.len())..]
+            .iter()
+            .map(|e| e.message.clone())
+            .collect();
+        if next != journal {
+            let s = world.state.services.get_mut(name).expect("checked above");
+            s.rollout = if finished {
+                None
+            } else {
+                serde_json::to_value(&next).ok()
+            };
+            world.dirty = true;
+        }
+        for message in new_entries {
+            world.event(Some(name), "rollout", message);
+        }
+        if finished {
+            let message = match &next.phase {
+                Phase::Succeeded => format!("rollout to v{} succeeded", next.to),
+                Phase::Failed {
+                    reason,
+                    reverted: true,
+                } => {
+                    format!(
+                        "rollout to v{} failed ({reason}); reverted to v{}",
+                        next.to,
+                        next.from.unwrap_or(0)
+                    )
+                }
+                Phase::Failed { reason, .. } => format!("rollout to v{} failed: {reason}", next.to),
+                _ => String::new(),
+            };
+            world.event(Some(name), "rollout", message);
+        }
+        return actions;
+    }
+    let target = s.spec.instances;
+    let Some(stable) = s.stable else {
+        return Vec::new();
+    };
+    let backoff = world
+        .backoff
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| Backoff::new(HealSettings::for_spec(&s.spec)));
+    let (backoff, actions) = rollout::heal(stable, target, observed, &backoff, now_ms);
+    world.backoff.insert(name.to_owned(), backoff);
+    for action in &actions {
+        if let Action::Launch { .. } = action
+            && observed
+                .instances
+                .iter()
+                .any(|i| i.health == InstanceHealth::Exited && i.release == stable)
+        {
+            world.event(
+                Some(name),
+                "heal",
+                format!("replacing a dead instance of v{stable}"),
+            );
+        }
+    }
+    actions
+}
+
+/// Services being deleted whose instances are all gone leave the state.
+fn forget_deleted(world: &mut World) {
+    let gone: Vec<String> = world
+        .state
+        .services
+        .iter()
+        .filter(|(_, s)| s.spec.instances == 0 && s.instances.is_empty())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in gone {
+        world.state.services.remove(&name);
+        world.dirty = true;
+        world.event(Some(&name), "deleted", "service removed".to_owned());
+    }
+}
+
+fn was_ever_healthy(world: &World, id: &str) -> bool {
+    world
+        .state
+        .services
+        .values()
+        .flat_map(|s| &s.instances)
+        .any(|i| i.id == id && i.routable)
+}
+
+pub(crate) fn instance_mut<'w>(
+    world: &'w mut World,
+    service: &str,
+    id: &str,
+) -> Option<&'w mut Instance> {
+    world
+        .state
+        .services
+        .get_mut(service)?
+        .instances
+        .iter_mut()
+        .find(|i| i.id == id)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One service's status, for `kiln status`.
+pub(crate) fn service_status(
+    engine: &Engine,
+    name: &str,
+    s: &ServiceState,
+    snapshot: &ProxySnapshot,
+    now: SystemTime,
+) -> api::ServiceStatus {
+    let _ = snapshot;
+    let observed = {
+        // Health as the proxy sees it, without the world lock (the caller holds it).
+        s.instances
+            .iter()
+            .map(|inst| {
+                let health = match engine.shared.proxy.backend_health(&inst.id) {
+                    Some(h) if h.healthy => "healthy",
+                    Some(h) if h.checks > 0 && h.passes == 0 && inst.routable => "unhealthy",
+                    _ if inst.handle.is_null() => "starting",
+                    _ => "starting",
+                };
+                api::InstanceStatus {
+                    id: inst.id.clone(),
+                    release: inst.release,
+                    port: inst.port,
+                    health: health.to_owned(),
+                    routable: inst.routable,
+                    retiring: inst.retiring,
+                    started_at: inst.started_at.clone(),
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let routable: Vec<&Instance> = s
+        .instances
+        .iter()
+        .filter(|i| i.routable && !i.retiring)
+        .collect();
+    let mut traffic = BTreeMap::new();
+    for inst in &routable {
+        *traffic.entry(inst.release).or_insert(0.0) += 100.0 / routable.len() as f64;
+    }
+    let rollout = s
+        .rollout
+        .clone()
+        .and_then(|j| serde_json::from_value::<Journal>(j).ok())
+        .map(|j| api::RolloutStatus {
+            deployment_id: j.deployment_id.clone(),
+            from: j.from,
+            to: j.to,
+            phase: match &j.phase {
+                Phase::Rolling => "rolling".to_owned(),
+                Phase::Reverting { reason, .. } => format!("reverting: {reason}"),
+                Phase::Succeeded => "succeeded".to_owned(),
+                Phase::Failed { reason, .. } => format!("failed: {reason}"),
+            },
+            log: j
+                .log
+                .iter()
+                .rev()
+                .take(5)
+                .rev()
+                .map(|e| e.message.clone())
+                .collect(),
+        });
+    let _ = (now, ReleaseStatus::Active, rfc3339(now));
+    api::ServiceStatus {
+        name: name.to_owned(),
+        stable: s.stable,
+        target: s.spec.instances,
+        rollout,
+        instances: observed,
+        traffic,
+    }
+}

@@ -1,0 +1,374 @@
+//! `kiln plan`, `kiln apply`, `kiln up`, `kiln down`: from config to running services.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kiln_core::Digest;
+use kiln_core::plan::Plan;
+use kiln_core::state::{State, desired};
+use kiln_engine::api::{ApplyRequest, ApplyResponse, ShutdownRequest, Status};
+use kiln_engine::client::Client;
+use kiln_engine::{Paths, actor};
+use kiln_state::StateStore;
+use serde::{Deserialize, Serialize};
+
+use crate::project::{GlobalArgs, Project, git_info};
+use crate::ui;
+
+/// `kiln plan` options.
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Save the plan to FILE, for `kiln apply FILE`.
+    #[arg(long = "out", value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Print the plan as JSON (Terraform's plan field names).
+    #[arg(long)]
+    json: bool,
+    /// Exit 0 when there are no changes, 2 when there are, 1 on error.
+    #[arg(long)]
+    detailed_exitcode: bool,
+}
+
+/// `kiln apply` options.
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// A plan saved by `kiln plan -out FILE`; without it, a fresh plan is made and shown.
+    plan: Option<PathBuf>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    auto_approve: bool,
+    /// Return once the server accepted the plan, without following the rollout.
+    #[arg(long)]
+    detach: bool,
+}
+
+/// `kiln down` options.
+#[derive(Debug, clap::Args)]
+pub struct DownArgs {
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    auto_approve: bool,
+}
+
+/// A plan as saved to a file.
+#[derive(Debug, Serialize, Deserialize)]
+struct PlanFile {
+    kiln_plan: u32,
+    kiln_version: String,
+    plan: Plan,
+}
+
+/// The latest baked digest of every image the config's services use.
+fn image_digests(global: &GlobalArgs, project: &Project) -> Result<BTreeMap<String, Digest>> {
+    let store = global.open_store()?;
+    let tags = store.tagged()?;
+    let mut digests = BTreeMap::new();
+    for service in project.config.services.values() {
+        match tags.get(&service.image) {
+            Some(d) => {
+                digests.insert(service.image.clone(), d.clone());
+            }
+            None => bail!(
+                "image `{}` of service `{}` has not been baked; run `kiln bake {}` (or `kiln up`)",
+                service.image,
+                service.name,
+                service.image
+            ),
+        }
+    }
+    Ok(digests)
+}
+
+/// The project's local state directory.
+pub fn paths(global: &GlobalArgs) -> Paths {
+    Paths::for_config(&global.config)
+}
+
+fn open_state(paths: &Paths) -> Result<StateStore> {
+    paths
+        .create()
+        .context("cannot create the .kiln directory")?;
+    StateStore::open(
+        &paths.state_db(),
+        kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock),
+    )
+    .with_context(|| format!("cannot open the state at {}", paths.state_db().display()))
+}
+
+/// Makes a plan of the config against the current state.
+fn make_plan(global: &GlobalArgs) -> Result<Plan> {
+    let project = global.load()?;
+    let digests = image_digests(global, &project)?;
+    let (services, balancers, _) = desired(&project.config, &digests);
+    let paths = paths(global);
+    let db = open_state(&paths)?;
+    let current = db.read::<State>()?;
+    Ok(kiln_core::plan::plan(
+        &current.lineage,
+        current.serial,
+        &services,
+        &balancers,
+        &current.doc,
+    ))
+}
+
+/// `kiln plan`.
+pub fn plan(global: &GlobalArgs, args: &PlanArgs) -> Result<ExitCode> {
+    let plan = make_plan(global)?;
+    if args.json {
+        ui::out_json(&plan)?;
+    } else {
+        ui::out(plan.render());
+    }
+    if let Some(out) = &args.out {
+        let file = PlanFile {
+            kiln_plan: 1,
+            kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
+            plan: plan.clone(),
+        };
+        std::fs::write(out, serde_json::to_vec_pretty(&file)?)
+            .with_context(|| format!("cannot write the plan to {}", out.display()))?;
+        eprintln!(
+            "Saved the plan to {}; apply it with `kiln apply {}`",
+            out.display(),
+            out.display()
+        );
+    }
+    Ok(if args.detailed_exitcode && plan.has_changes() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn read_plan_file(path: &Path) -> Result<Plan> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read plan file {}", path.display()))?;
+    let file: PlanFile = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a kiln plan file", path.display()))?;
+    Ok(file.plan)
+}
+
+/// Asks on a terminal; without one, refuses unless `auto_approve`.
+pub fn confirm(question: &str, auto_approve: bool) -> Result<()> {
+    if auto_approve {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "refusing to {question} without confirmation: there is no terminal to ask on; pass --auto-approve"
+        );
+    }
+    eprint!("Do you want to {question}? Only 'yes' will be accepted: ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        bail!("cancelled");
+    }
+    Ok(())
+}
+
+/// `kiln apply`.
+pub fn apply(global: &GlobalArgs, args: &ApplyArgs) -> Result<ExitCode> {
+    let plan = match &args.plan {
+        Some(path) => read_plan_file(path)?,
+        None => make_plan(global)?,
+    };
+    ui::out(plan.render());
+    if !plan.has_changes() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.plan.is_none() {
+        confirm("apply these changes", args.auto_approve)?;
+    }
+    run_apply(global, plan, args.detach)
+}
+
+fn run_apply(global: &GlobalArgs, plan: Plan, detach: bool) -> Result<ExitCode> {
+    let paths = paths(global);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = ensure_server(global, &paths).await?;
+        let commit = git_info(global.config.parent().unwrap_or(Path::new("."))).map(|g| g.commit);
+        let resp: ApplyResponse = client
+            .post(
+                "/v1/apply",
+                &ApplyRequest {
+                    plan,
+                    actor: actor(),
+                    git_commit: commit,
+                },
+            )
+            .await?;
+        for (service, release) in &resp.releases {
+            eprintln!(
+                "{service}: release v{release} (deployment {})",
+                resp.deployment_id
+            );
+        }
+        if detach {
+            return Ok(ExitCode::SUCCESS);
+        }
+        follow(&client, &resp).await
+    })
+}
+
+/// Prints events until every rollout of the deployment has finished. Interrupting only stops
+/// following: the rollout goes on in the server (`kiln status` re-attaches).
+async fn follow(client: &Client, resp: &ApplyResponse) -> Result<ExitCode> {
+    let mut after = 0u64;
+    let events: Vec<kiln_state::Event> = client.get("/v1/events?after=0").await?;
+    if let Some(last) = events.iter().rev().find(|e| e.kind == "apply") {
+        after = last.id;
+    }
+    let mut failed = false;
+    loop {
+        let events: Vec<kiln_state::Event> =
+            client.get(&format!("/v1/events?after={after}")).await?;
+        for e in &events {
+            after = e.id;
+            let who = e.service.as_deref().unwrap_or("kiln");
+            eprintln!("{who}: {}", e.message);
+            if e.kind == "rollout" && e.message.contains("failed") {
+                failed = true;
+            }
+        }
+        let status: Status = client.get("/v1/status").await?;
+        let busy = status
+            .services
+            .iter()
+            .any(|s| resp.releases.contains_key(&s.name) && s.rollout.is_some());
+        if !busy {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("stopped following; the rollout goes on in the server (`kiln status --watch` to follow again)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    if failed {
+        eprintln!("the deployment failed; see `kiln status` and `kiln logs`");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln up`: bake, start the server if needed, apply without asking, print where to go.
+pub fn up(global: &GlobalArgs) -> Result<ExitCode> {
+    let project = global.load()?;
+    let store = global.open_store()?;
+    crate::cmd::bake::bake(&store, &project.config, &project.dir, &[], false)?;
+    let plan = make_plan(global)?;
+    ui::out(plan.render());
+    let code = if plan.has_changes() {
+        run_apply(global, plan, false)?
+    } else {
+        // Nothing to change, but the server must run for the services to run.
+        let paths = paths(global);
+        runtime()?.block_on(ensure_server(global, &paths))?;
+        ExitCode::SUCCESS
+    };
+    let paths = paths(global);
+    let status: Status = runtime()?.block_on(Client::new(&paths.socket()).get("/v1/status"))?;
+    for b in &status.balancers {
+        if let Some(addr) = &b.bound {
+            ui::out(format!("{}: http://{addr}/", b.name));
+        }
+    }
+    Ok(code)
+}
+
+/// `kiln down`: stop every instance and the server; state stays.
+pub fn down(global: &GlobalArgs, args: &DownArgs) -> Result<ExitCode> {
+    let paths = paths(global);
+    let rt = runtime()?;
+    let client = Client::new(&paths.socket());
+    if !rt.block_on(client.is_running()) {
+        ui::out("No kiln server is running for this project.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    confirm("stop every instance and the server", args.auto_approve)?;
+    let pid = std::fs::read_to_string(paths.pid_file())
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    rt.block_on(client.post::<_, serde_json::Value>(
+        "/v1/shutdown",
+        &ShutdownRequest {
+            stop_instances: true,
+        },
+    ))?;
+    // Wait for the server process to be gone, so that nothing of kiln's remains.
+    if let Some(pid) = pid {
+        for _ in 0..200 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    ui::out("Stopped every instance and the server; the state is kept (`kiln up` brings it back).");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A client of the project's server, starting one in the background first if none runs.
+pub async fn ensure_server(global: &GlobalArgs, paths: &Paths) -> Result<Client> {
+    let client = Client::new(&paths.socket());
+    if client.is_running().await {
+        return Ok(client);
+    }
+    paths.create()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.server_log())
+        .with_context(|| format!("cannot open {}", paths.server_log().display()))?;
+    let exe = std::env::current_exe().context("cannot find the kiln executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--config").arg(&global.config);
+    if let Some(store) = &global.store {
+        cmd.arg("--store").arg(store);
+    }
+    cmd.arg("server")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own process group: a Ctrl-C in this terminal must not reach the server.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().context("cannot start kiln server")?;
+    for _ in 0..200 {
+        if client.is_running().await {
+            eprintln!(
+                "started kiln server (pid {}, log {})",
+                child.id(),
+                paths.server_log().display()
+            );
+            return Ok(client);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "kiln server exited at once ({status}); see {}",
+                paths.server_log().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "kiln server did not start listening within 10 s; see {}",
+        paths.server_log().display()
+    )
+}
+
+/// A runtime for the commands that talk to the server.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
