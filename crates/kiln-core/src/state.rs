@@ -22,6 +22,10 @@ pub struct State {
     /// Balancers as last applied, by name.
     #[serde(default)]
     pub balancers: BTreeMap<String, BalancerSpec>,
+    /// Where each balancer really listened last (its `listen` port may be 0), so a restarted
+    /// server listens on the same address again.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, String>,
 }
 
 /// One service: the spec last applied, every release, every instance.
@@ -69,7 +73,7 @@ impl ServiceSpec {
 }
 
 /// One immutable version of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Release {
     /// v1, v2, …
     pub number: u32,
@@ -83,6 +87,10 @@ pub struct Release {
     pub port: u16,
     /// Environment.
     pub env: BTreeMap<String, String>,
+    /// The health check its instances answer (a new release may move its health endpoint
+    /// while the old one still answers at the old path).
+    #[serde(default)]
+    pub health: Option<Health>,
     /// The git commit of the config, if known.
     pub git_commit: Option<String>,
     /// The deployment (apply) that made it.

@@ -237,6 +237,12 @@ impl Engine {
                 ("kiln_service", ["update"]) => {
                     let spec = req.plan.services[&change.name].clone();
                     if let Some(s) = world.state.services.get_mut(&change.name) {
+                        // A health check changed without a new release applies to the release
+                        // that serves now.
+                        let stable = s.stable;
+                        if let Some(r) = s.releases.iter_mut().find(|r| Some(r.number) == stable) {
+                            r.health = spec.health.clone();
+                        }
                         s.spec = spec;
                     }
                     world.event(
@@ -350,7 +356,20 @@ impl Engine {
                         b.listen
                     ))
                 })?;
-                let bound = proxy.bind(name, addr).await?;
+                // A port chosen by the system is kept across restarts when it is still free.
+                let previous = world
+                    .state
+                    .listeners
+                    .get(name)
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                    .filter(|p| addr.port() == 0 && p.ip() == addr.ip());
+                let bound = match previous {
+                    Some(p) => match proxy.bind(name, p).await {
+                        Ok(bound) => bound,
+                        Err(_) => proxy.bind(name, addr).await?,
+                    },
+                    None => proxy.bind(name, addr).await?,
+                };
                 world.bound.insert(name.clone(), bound);
                 tracing::info!(balancer = %name, %bound, "listening");
             }
@@ -364,6 +383,15 @@ impl Engine {
                 })
                 .collect();
             proxy.set_routes(name, routes);
+        }
+        let listeners: BTreeMap<String, String> = world
+            .bound
+            .iter()
+            .map(|(n, a)| (n.clone(), a.to_string()))
+            .collect();
+        if listeners != world.state.listeners {
+            world.state.listeners = listeners;
+            world.dirty = true;
         }
         Ok(())
     }
@@ -428,6 +456,7 @@ fn new_release(
         config_hash: spec.config_hash(),
         port: spec.port,
         env: spec.env.clone(),
+        health: spec.health.clone(),
         git_commit: req.git_commit.clone(),
         deployment_id: deployment_id.to_owned(),
         created_at: rfc3339(now),

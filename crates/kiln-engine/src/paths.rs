@@ -75,12 +75,14 @@ impl Paths {
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
     }
 
-    /// The `.kiln` directory of the project whose config is at `config`.
+    /// The `.kiln` directory of the project whose config is at `config`, as an absolute path
+    /// (the server and its instances must not depend on the directory they were started in).
     pub fn for_config(config: &Path) -> Self {
         let dir = match config.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
         };
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         Self::new(dir.join(".kiln"))
     }
 }

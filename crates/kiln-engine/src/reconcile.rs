@@ -220,6 +220,12 @@ impl Engine {
                     release: inst.release,
                     weight: 0,
                     backends: Vec::new(),
+                    health: s
+                        .releases
+                        .iter()
+                        .find(|r| r.number == inst.release)
+                        .and_then(|r| r.health.as_ref())
+                        .map(health_check),
                 });
                 if inst.routable {
                     pool.weight += 1;
@@ -230,13 +236,7 @@ impl Engine {
                     routable: inst.routable && !inst.retiring,
                 });
             }
-            let health = s.spec.health.as_ref().map(|h| HealthCheck {
-                path: h.path.clone(),
-                interval: h.interval,
-                timeout: h.timeout,
-                healthy_threshold: h.healthy_threshold,
-                unhealthy_threshold: h.unhealthy_threshold,
-            });
+            let health = s.spec.health.as_ref().map(health_check);
             self.shared.proxy.set_service(
                 name,
                 ServiceTable {
@@ -354,6 +354,16 @@ fn forget_deleted(world: &mut World) {
         world.state.services.remove(&name);
         world.dirty = true;
         world.event(Some(&name), "deleted", "service removed".to_owned());
+    }
+}
+
+fn health_check(h: &kiln_core::model::Health) -> HealthCheck {
+    HealthCheck {
+        path: h.path.clone(),
+        interval: h.interval,
+        timeout: h.timeout,
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
     }
 }
 

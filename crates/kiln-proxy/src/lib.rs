@@ -29,9 +29,9 @@
 //!     proxy.set_service("web", ServiceTable {
 //!         pools: vec![
 //!             Pool { release: 1, weight: 90, backends: vec![BackendSpec {
-//!                 id: "web-1-a".into(), addr: "127.0.0.1:9001".parse()?, routable: true }] },
+//!                 id: "web-1-a".into(), addr: "127.0.0.1:9001".parse()?, routable: true }], health: None },
 //!             Pool { release: 2, weight: 10, backends: vec![BackendSpec {
-//!                 id: "web-2-a".into(), addr: "127.0.0.1:9002".parse()?, routable: true }] },
+//!                 id: "web-2-a".into(), addr: "127.0.0.1:9002".parse()?, routable: true }], health: None },
 //!         ],
 //!         health: None,
 //!     });
@@ -167,7 +167,6 @@ impl Proxy {
     /// starts the health checkers of new backends there.
     pub fn set_service(&self, service: &str, table: ServiceTable) {
         let inner = &self.inner;
-        let spec = CheckSpec::new(table.health.as_ref(), inner.config.connect_timeout);
         let mut registry = lock(&inner.backends);
         let svc = Arc::clone(
             inner
@@ -179,6 +178,8 @@ impl Proxy {
         );
         let mut pools = Vec::with_capacity(table.pools.len());
         for pool in table.pools {
+            let health = pool.health.as_ref().or(table.health.as_ref());
+            let spec = CheckSpec::new(health, inner.config.connect_timeout);
             let members = pool
                 .backends
                 .into_iter()

@@ -55,6 +55,10 @@ pub struct Pool {
     pub weight: u32,
     /// The instances of the release.
     pub backends: Vec<BackendSpec>,
+    /// This release's own health check, when it differs from the service's: a release that
+    /// moved its health endpoint is checked at its new path while the old release is still
+    /// checked at the old one.
+    pub health: Option<HealthCheck>,
 }
 
 /// One instance as the proxy sees it.

@@ -70,6 +70,7 @@ fn applied(spec: &ServiceSpec, number: u32) -> ServiceState {
             config_hash: spec.config_hash(),
             port: spec.port,
             env: spec.env.clone(),
+            health: spec.health.clone(),
             git_commit: None,
             deployment_id: format!("d{n}"),
             created_at: "2026-01-01T00:00:00Z".into(),
@@ -132,6 +133,7 @@ fn state_with(services: &[(ServiceSpec, u32)], balancers: &[BalancerSpec]) -> St
             .iter()
             .map(|b| (b.name.clone(), b.clone()))
             .collect(),
+        ..State::default()
     }
 }
 
@@ -1065,6 +1067,7 @@ proptest! {
         let state = State {
             services: s.values().map(|spec| (spec.name.clone(), applied(spec, release))).collect(),
             balancers: b.clone(),
+            ..State::default()
         };
         let plan = plan("lin", 1, &s, &b, &state);
         prop_assert!(!plan.has_changes(), "{}", plan.render());

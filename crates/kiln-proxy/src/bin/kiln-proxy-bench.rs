@@ -76,6 +76,7 @@ async fn run(
                 release: 1,
                 weight: 100,
                 backends,
+                health: None,
             }],
             health: None,
         },

@@ -242,6 +242,7 @@ pub fn pool(release: u32, weight: u32, backends: Vec<BackendSpec>) -> Pool {
         release,
         weight,
         backends,
+        health: None,
     }
 }
 
