@@ -313,3 +313,40 @@ fn killing_the_server_mid_rollout_resumes_with_no_orphan() {
         );
     }
 }
+
+#[test]
+fn down_leaves_no_process_and_released_images_are_kept() {
+    let p = shop(2);
+    p.kiln(&["up"]).ok();
+    assert!(
+        harness::instance_processes(&p).len() >= 2,
+        "instances run under bwrap"
+    );
+
+    // A release pins its image: rm refuses, gc keeps it.
+    let rm = p.kiln(&["images", "rm", "web"]).fails();
+    assert!(
+        rm.stderr.contains("is release v1 of service `web`"),
+        "{}",
+        rm.stderr
+    );
+    p.kiln(&["images", "gc"]).ok();
+    p.kiln(&["images", "verify", "web"]).ok();
+
+    let pid = std::fs::read_to_string(p.path().join(".kiln/server.pid")).unwrap();
+    p.kiln(&["down", "--auto-approve"]).ok();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "the server is gone"
+    );
+    assert_eq!(
+        harness::instance_processes(&p),
+        Vec::<String>::new(),
+        "no instance outlives down"
+    );
+
+    // The state is kept: up brings the same release back.
+    let up = p.kiln(&["up"]).ok();
+    let (status, release, _) = get(&url(&up));
+    assert_eq!((status, release.as_str()), (200, "v1"));
+}

@@ -277,13 +277,39 @@ pub fn up(global: &GlobalArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     };
     let paths = paths(global);
-    let status: Status = runtime()?.block_on(Client::new(&paths.socket()).get("/v1/status"))?;
+    let status = runtime()?.block_on(wait_until_serving(&Client::new(&paths.socket())))?;
     for b in &status.balancers {
         if let Some(addr) = &b.bound {
             ui::out(format!("{}: http://{addr}/", b.name));
         }
     }
     Ok(code)
+}
+
+/// Waits until every service has as many routable instances as it wants and no rollout runs
+/// (after a restart, instances are launched again and must pass health first).
+async fn wait_until_serving(client: &Client) -> Result<Status> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let status: Status = client.get("/v1/status").await?;
+        let serving = status.services.iter().all(|s| {
+            s.rollout.is_none()
+                && s.instances
+                    .iter()
+                    .filter(|i| i.routable && !i.retiring && i.health == "healthy")
+                    .count()
+                    >= s.target as usize
+        });
+        if serving {
+            return Ok(status);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the services did not all serve within 5 minutes; see `kiln status` and `kiln logs`"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `kiln down`: stop every instance and the server; state stays.

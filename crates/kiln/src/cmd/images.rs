@@ -157,12 +157,23 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
             ));
         }
         Command::Rm { image } => {
+            let record = store.resolve(&image)?;
+            if let Some((service, release)) = release_images(global)?.get(&record.digest) {
+                bail!(
+                    "image {} {} is release v{release} of service `{service}`; it stays while the state keeps that release",
+                    record.name,
+                    record.digest
+                );
+            }
+            let _lock = store.lock()?;
             let record = store.remove_image(&image)?;
             ui::out(format!("removed {} {}", record.name, record.digest));
         }
         Command::Gc { json } => {
-            // Releases will pin images here once deploy state exists.
-            let report = store.gc(&BTreeSet::new())?;
+            // Every image a release points at stays: rollbacks launch from it.
+            let keep: BTreeSet<_> = release_images(global)?.into_keys().collect();
+            let _lock = store.lock()?;
+            let report = store.gc(&keep)?;
             if json {
                 ui::out_json(&report)?;
             } else {
@@ -182,6 +193,26 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The image of every release in the project's state: digest → (service, release number).
+fn release_images(
+    global: &GlobalArgs,
+) -> Result<std::collections::BTreeMap<kiln_core::Digest, (String, u32)>> {
+    let paths = super::deploy::paths(global);
+    let mut images = std::collections::BTreeMap::new();
+    if !paths.state_db().exists() {
+        return Ok(images);
+    }
+    let now = kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
+    let db = kiln_state::StateStore::open(&paths.state_db(), now)?;
+    let state = db.read::<kiln_core::state::State>()?.doc;
+    for (name, service) in state.services {
+        for r in service.releases {
+            images.insert(r.image_digest, (name.clone(), r.number));
+        }
+    }
+    Ok(images)
 }
 
 fn default_tag(global: &GlobalArgs, record: &kiln_bake::ImageRecord) -> String {
