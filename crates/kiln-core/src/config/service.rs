@@ -38,10 +38,12 @@ const ROLLOUT: Schema = Schema {
         "strategy",
         "steps",
         "auto_rollback",
+        "auto_revert",
         "auto_promote",
         "scale_down_delay",
         "progress_deadline",
         "max_parallel",
+        "max_surge",
         "min_healthy_time",
         "healthy_deadline",
         "canary_instances",
@@ -155,6 +157,8 @@ impl Loader<'_> {
             }
         };
         flag(self, "auto_rollback", &mut rollout.auto_rollback);
+        // Nomad's name for the same switch.
+        flag(self, "auto_revert", &mut rollout.auto_rollback);
         flag(self, "auto_promote", &mut rollout.auto_promote);
         let duration = |cx: &mut Self, key: &str, slot: &mut Duration| {
             if let Some(d) = cx.get(f.attr(key), Self::duration) {
@@ -167,8 +171,12 @@ impl Loader<'_> {
         duration(self, "healthy_deadline", &mut rollout.healthy_deadline);
         let count =
             |cx: &mut Self, key: &str| cx.get(f.attr(key), |cx, v, at| cx.int(v, at, 1, None));
-        if let Some(n) = count(self, "max_parallel") {
-            rollout.max_parallel = n;
+        // Every update is create-before-destroy, so the instances replaced at once are also
+        // the surge above `instances`: `max_surge` (the ASG/Kubernetes name) is the same knob.
+        for key in ["max_parallel", "max_surge"] {
+            if let Some(n) = count(self, key) {
+                rollout.max_parallel = n;
+            }
         }
         rollout.canary_instances = count(self, "canary_instances");
 

@@ -790,3 +790,25 @@ fn expressions_evaluate_and_their_errors_point_at_them() {
               |                                ^^^"#]],
     );
 }
+
+#[test]
+fn nomad_and_asg_names_are_accepted_for_revert_and_surge() {
+    let config = load_ok(
+        r#"
+project = "p"
+image "web" {}
+service "web" {
+  image = image.web
+  port  = 80
+  rollout {
+    auto_revert = false
+    max_surge   = 3
+  }
+}
+"#,
+        &[],
+    );
+    let rollout = &config.services["web"].rollout;
+    assert!(!rollout.auto_rollback);
+    assert_eq!(rollout.max_parallel, 3);
+}
