@@ -3,7 +3,7 @@
 # Usage: scripts/deps.sh [runtime|test]   (default: runtime)
 set -euo pipefail
 
-runtime=(bubblewrap busybox-static git ca-certificates)
+runtime=(bubblewrap busybox-static git ca-certificates curl python3)
 test=(skopeo)
 
 want=("${runtime[@]}")

@@ -16,5 +16,12 @@ echo "== first bake: every step runs"
 echo "== second bake: every step comes from the cache, same digests"
 "$kiln" bake
 "$kiln" images ls
+echo "== deploy: start the local server, launch the instances, route traffic"
+"$kiln" up
+url=$("$kiln" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["balancers"][0]["bound"])')
+echo "== the example answers through kiln's proxy:"
+curl -fsS -D - "http://$url/cgi-bin/version" | grep -Ei '^x-kiln-release|from'
 echo
-echo "kiln is at $kiln — try: cd examples/hello && $kiln images inspect web"
+echo "kiln is at $kiln. The example is running at http://$url/"
+echo "Try: cd examples/hello && $kiln apply -var greeting=bonjour   (a rolling update)"
+echo "     $kiln status; $kiln releases web; $kiln down"

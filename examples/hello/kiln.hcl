@@ -26,14 +26,13 @@ image "web" {
 
   provisioner "shell" {
     inline = [
-      "echo \"${var.greeting}\" > /var/www/greeting.txt",
+      "echo 'baked by kiln' > /var/www/about.txt",
       "mkdir -p /var/log",
     ]
   }
 
   # The local runtime sets PORT; the shell expands it when the instance starts.
   entrypoint = ["/bin/sh", "-c", "exec httpd -f -p \"$PORT\" -h /var/www"]
-  env        = { GREETING = var.greeting }
   ports      = [8080]
   labels     = { version = "1.0.0" }
 }
@@ -42,6 +41,7 @@ service "web" {
   image     = image.web
   instances = var.replicas
   port      = 8080
+  env       = { GREETING = var.greeting }   # a change here makes a new release
 
   health {
     path     = "/healthz"
@@ -49,7 +49,9 @@ service "web" {
   }
 
   rollout {
-    strategy = "rolling"
+    strategy         = "rolling"
+    max_parallel     = 1
+    min_healthy_time = "2s"
   }
 }
 
