@@ -25,6 +25,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if ! command -v cargo >/dev/null; then
-  echo "kiln builds with Rust 1.88 or newer: install it with rustup (https://rustup.rs), then run this again" >&2
+  echo "kiln builds with Rust 1.89 or newer: install it with rustup (https://rustup.rs), then run this again" >&2
   exit 1
 fi
