@@ -296,12 +296,11 @@ impl Engine {
     pub async fn status(&self) -> api::Status {
         let world = self.shared.world.lock().await;
         let snapshot = self.shared.proxy.snapshot();
-        let now = self.shared.clock.now();
         let services = world
             .state
             .services
             .iter()
-            .map(|(name, s)| crate::reconcile::service_status(self, name, s, &snapshot, now))
+            .map(|(name, s)| crate::reconcile::service_status(self, name, s, &snapshot))
             .collect();
         let balancers = world
             .state

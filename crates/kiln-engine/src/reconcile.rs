@@ -12,12 +12,12 @@ use std::time::{Duration, SystemTime};
 use kiln_core::rollout::{
     self, Action, Backoff, HealSettings, InstanceHealth, Journal, Observed, ObservedInstance, Phase,
 };
-use kiln_core::state::{Instance, ReleaseStatus, ServiceState};
+use kiln_core::state::{Instance, ServiceState};
 use kiln_driver::{Handle, Status};
 use kiln_proxy::{BackendSpec, HealthCheck, Pool, ProxySnapshot, ServiceTable};
 
 use crate::api;
-use crate::engine::{Engine, World, ms, rfc3339};
+use crate::engine::{Engine, World, ms};
 use crate::error::Result;
 
 impl Engine {
@@ -394,46 +394,53 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// One service's status, for `kiln status`.
+/// One service's status, for `kiln status`: instances with the proxy's view of their health,
+/// and the share of requests each release gets now (pool weights among pools that have a
+/// backend able to serve, as the proxy picks them).
 pub(crate) fn service_status(
     engine: &Engine,
     name: &str,
     s: &ServiceState,
     snapshot: &ProxySnapshot,
-    now: SystemTime,
 ) -> api::ServiceStatus {
-    let _ = snapshot;
-    let observed = {
-        // Health as the proxy sees it, without the world lock (the caller holds it).
-        s.instances
-            .iter()
-            .map(|inst| {
-                let health = match engine.shared.proxy.backend_health(&inst.id) {
-                    Some(h) if h.healthy => "healthy",
-                    Some(h) if h.checks > 0 && h.passes == 0 && inst.routable => "unhealthy",
-                    _ if inst.handle.is_null() => "starting",
-                    _ => "starting",
-                };
-                api::InstanceStatus {
-                    id: inst.id.clone(),
-                    release: inst.release,
-                    port: inst.port,
-                    health: health.to_owned(),
-                    routable: inst.routable,
-                    retiring: inst.retiring,
-                    started_at: inst.started_at.clone(),
-                }
-            })
-            .collect::<Vec<_>>()
-    };
-    let routable: Vec<&Instance> = s
+    let instances = s
         .instances
         .iter()
-        .filter(|i| i.routable && !i.retiring)
+        .map(|inst| {
+            let health = match engine.shared.proxy.backend_health(&inst.id) {
+                Some(h) if h.healthy => "healthy",
+                Some(h) if h.checks > 0 && h.passes == 0 && inst.routable => "unhealthy",
+                _ => "starting",
+            };
+            api::InstanceStatus {
+                id: inst.id.clone(),
+                release: inst.release,
+                port: inst.port,
+                health: health.to_owned(),
+                routable: inst.routable,
+                retiring: inst.retiring,
+                started_at: inst.started_at.clone(),
+            }
+        })
         .collect();
     let mut traffic = BTreeMap::new();
-    for inst in &routable {
-        *traffic.entry(inst.release).or_insert(0.0) += 100.0 / routable.len() as f64;
+    if let Some(svc) = snapshot.services.iter().find(|p| p.name == name) {
+        let serving: Vec<_> = svc
+            .pools
+            .iter()
+            .filter(|p| {
+                p.backends
+                    .iter()
+                    .any(|b| b.routable && b.healthy && !b.draining)
+            })
+            .collect();
+        let total: u32 = serving.iter().map(|p| p.weight).sum();
+        for pool in serving.iter().filter(|p| p.weight > 0) {
+            traffic.insert(
+                pool.release,
+                f64::from(pool.weight) * 100.0 / f64::from(total),
+            );
+        }
     }
     let rollout = s
         .rollout
@@ -458,13 +465,12 @@ pub(crate) fn service_status(
                 .map(|e| e.message.clone())
                 .collect(),
         });
-    let _ = (now, ReleaseStatus::Active, rfc3339(now));
     api::ServiceStatus {
         name: name.to_owned(),
         stable: s.stable,
         target: s.spec.instances,
         rollout,
-        instances: observed,
+        instances,
         traffic,
     }
 }

@@ -1,0 +1,213 @@
+//! The engine against the fake driver and the real proxy: rollouts, healing and failures on cue,
+//! without sandboxes or images that run.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::clock::{Clock, SystemClock};
+use kiln_core::config::{Source, load};
+use kiln_core::state::{State, desired};
+use kiln_driver::fake::{FakeControl, FakeDriver};
+use kiln_engine::api::{ApplyRequest, Status};
+use kiln_engine::{Engine, EngineConfig, Paths};
+
+const CONFIG: &str = r#"
+project = "p"
+variable "greeting" { default = "one" }
+image "app" { entrypoint = ["/app"] }
+service "web" {
+  image     = image.app
+  instances = 2
+  port      = 8080
+  env       = { GREETING = var.greeting }
+  health {
+    path              = "/healthz"
+    interval          = "50ms"
+    timeout           = "200ms"
+    healthy_threshold = 1
+  }
+  rollout {
+    min_healthy_time = "100ms"
+    healthy_deadline = "2s"
+  }
+}
+"#;
+
+struct World {
+    _dir: tempfile::TempDir,
+    paths: Paths,
+    engine: Engine,
+    control: FakeControl,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(dir.path().join(".kiln"));
+    paths.create().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let control = FakeControl::new();
+    let driver = Arc::new(FakeDriver::new(control.clone(), clock.clone()));
+    let proxy = kiln_proxy::Proxy::new(kiln_proxy::ProxyConfig::default());
+    let mut cfg = EngineConfig::new(paths.clone());
+    cfg.tick = Duration::from_millis(50);
+    cfg.drain_timeout = Duration::from_secs(2);
+    let engine = Engine::open(cfg, driver, proxy, clock).unwrap();
+    engine.recover().await.unwrap();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let runner = engine.clone();
+    tokio::spawn(async move {
+        runner
+            .run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+    World {
+        _dir: dir,
+        paths,
+        engine,
+        control,
+        stop,
+    }
+}
+
+impl World {
+    /// Bakes the (empty) image and applies the config with `greeting`.
+    async fn apply(
+        &self,
+        greeting: &str,
+    ) -> Result<kiln_engine::api::ApplyResponse, kiln_engine::Error> {
+        let overrides = [kiln_core::model::VarOverride {
+            name: "greeting".into(),
+            value: greeting.into(),
+            source: kiln_core::model::VarSource::Flag,
+        }];
+        let (config, diags) = load(
+            &Source {
+                name: "kiln.hcl".into(),
+                text: CONFIG.into(),
+            },
+            &overrides,
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        let config = config.unwrap();
+        let store = kiln_bake::Store::open(&self.paths.store()).unwrap();
+        let settings = kiln_bake::BakeSettings {
+            context_dir: self.paths.root.clone(),
+            epoch: 0,
+            git: None,
+            kiln_version: "test".into(),
+            host: "test".into(),
+            bwrap: None,
+        };
+        let records =
+            kiln_bake::bake(&store, &config, &[], &settings, &SystemClock, &mut |_| {}).unwrap();
+        let digests: BTreeMap<_, _> = records
+            .iter()
+            .map(|r| (r.name.clone(), r.digest.clone()))
+            .collect();
+        let (services, balancers, _) = desired(&config, &digests);
+        let db = kiln_state::StateStore::open(&self.paths.state_db(), SystemClock.now()).unwrap();
+        let current = db.read::<State>().unwrap();
+        let plan = kiln_core::plan::plan(
+            &current.lineage,
+            current.serial,
+            &services,
+            &balancers,
+            &current.doc,
+        );
+        self.engine
+            .apply(ApplyRequest {
+                plan,
+                actor: "test@host".into(),
+                git_commit: None,
+            })
+            .await
+    }
+
+    /// Polls the engine's status until `done` holds (bounded).
+    async fn until(&self, what: &str, done: impl Fn(&Status) -> bool) -> Status {
+        for _ in 0..200 {
+            let status = self.engine.status().await;
+            if done(&status) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "timed out waiting until {what}: {:#?}",
+            self.engine.status().await
+        );
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn serving(s: &Status, release: u32, n: usize) -> bool {
+    let svc = &s.services[0];
+    svc.rollout.is_none()
+        && svc.stable == Some(release)
+        && svc.instances.len() == n
+        && svc
+            .instances
+            .iter()
+            .all(|i| i.release == release && i.routable && i.health == "healthy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_replaces_every_instance_and_a_killed_one_is_replaced() {
+    let w = world().await;
+    w.apply("one").await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2)).await;
+    w.apply("two").await.unwrap();
+    let status = w.until("v2 serves", |s| serving(s, 2, 2)).await;
+    assert_eq!(status.services[0].traffic, BTreeMap::from([(2, 100.0)]));
+
+    // An instance that dies is replaced by a new one of the same release.
+    let victim = status.services[0].instances[0].id.clone();
+    assert!(w.control.kill(&victim));
+    let healed = w
+        .until("the dead instance is replaced", |s| {
+            serving(s, 2, 2) && s.services[0].instances.iter().all(|i| i.id != victim)
+        })
+        .await;
+    assert_eq!(healed.services[0].stable, Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_cannot_start_is_reverted() {
+    let w = world().await;
+    w.apply("one").await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2)).await;
+    w.control.fail_start(2);
+    w.apply("two").await.unwrap();
+    let status = w
+        .until("the rollout gave up", |s| {
+            serving(s, 1, 2) && s.lock.is_none()
+        })
+        .await;
+    assert_eq!(status.services[0].stable, Some(1));
+    let events = w.engine.events(0).unwrap();
+    assert!(
+        events.iter().any(|e| e.message.contains("reverted to v1")),
+        "{:#?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_apply_while_a_rollout_runs_is_refused() {
+    let w = world().await;
+    w.control.unhealthy(1, true);
+    w.apply("one").await.unwrap();
+    let err = w.apply("two").await.unwrap_err().to_string();
+    assert!(err.contains("state is locked by apply (test@host"), "{err}");
+}
