@@ -959,14 +959,7 @@ fn merge_run(mut base: oci::RunSettings, own: &RunConfig) -> oci::RunSettings {
         base.cmd = Some(c.clone());
     }
     if !own.env.is_empty() {
-        let mut env: BTreeMap<String, String> = base
-            .env
-            .iter()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            })
-            .collect();
+        let mut env = base.env_map();
         env.extend(own.env.clone());
         base.env = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     }

@@ -202,6 +202,17 @@ impl RunSettings {
     pub fn is_empty(&self) -> bool {
         self == &Self::default()
     }
+
+    /// `Env` (`K=V` strings) as a map; an entry without `=` is left out.
+    pub fn env_map(&self) -> BTreeMap<String, String> {
+        self.env
+            .iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect()
+    }
 }
 
 /// The empty JSON object `{}`, used as the value of `ExposedPorts` entries.

@@ -1,7 +1,6 @@
 //! Launching an instance of a release: from the release's verified image, with its env and a
 //! port of its own.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use kiln_bake::oci::ImageConfig;
@@ -95,15 +94,7 @@ impl Engine {
         let config: ImageConfig = images.read_blob_json(&record.config_digest)?;
         let rootfs = rootfs::materialize(&self.shared.cfg.paths, images, &rel.image_digest)?;
 
-        let mut env: BTreeMap<String, String> = config
-            .config
-            .env
-            .iter()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            })
-            .collect();
+        let mut env = config.config.env_map();
         env.extend(rel.env.clone());
         env.insert("PORT".to_owned(), port.to_string());
         env.insert("KILN_INSTANCE_ID".to_owned(), id.to_owned());
