@@ -121,18 +121,25 @@ impl Engine {
             }
             service.rollout = None;
         }
-        for (service, inst) in &handles {
-            let _ = self
-                .shared
-                .proxy
-                .drain(service, &inst.id, self.shared.cfg.drain_timeout)
-                .await;
-            if let Ok(h) = serde_json::from_value::<Handle>(inst.handle.clone()) {
-                let driver = self.shared.driver.clone();
-                let grace = self.shared.cfg.stop_grace;
-                let _ = tokio::task::spawn_blocking(move || driver.stop(&h, grace)).await;
-            }
+        // All at once: each instance drains and stops on its own, so a hundred instances take as
+        // long as the slowest one, not as long as all of them in a row.
+        let mut stopping = tokio::task::JoinSet::new();
+        for (service, inst) in handles.clone() {
+            let engine = self.clone();
+            stopping.spawn(async move {
+                let _ = engine
+                    .shared
+                    .proxy
+                    .drain(&service, &inst.id, engine.shared.cfg.drain_timeout)
+                    .await;
+                if let Ok(h) = serde_json::from_value::<Handle>(inst.handle.clone()) {
+                    let driver = engine.shared.driver.clone();
+                    let grace = engine.shared.cfg.stop_grace;
+                    let _ = tokio::task::spawn_blocking(move || driver.stop(&h, grace)).await;
+                }
+            });
         }
+        while stopping.join_next().await.is_some() {}
         let names: Vec<String> = world.bound.keys().cloned().collect();
         for name in names {
             self.shared.proxy.unbind(&name).await;

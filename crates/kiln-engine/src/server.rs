@@ -3,6 +3,8 @@
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -27,6 +29,9 @@ pub async fn serve(engine: Engine) -> Result<()> {
         .map_err(Error::io("write", paths.pid_file()))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Set by `kiln down`: stop the instances once the reconcile loop has stopped, so that it
+    // cannot launch replacements for the instances being stopped.
+    let stop_instances = Arc::new(AtomicBool::new(false));
     let reconcile = {
         let engine = engine.clone();
         let mut rx = stop_rx.clone();
@@ -61,11 +66,15 @@ pub async fn serve(engine: Engine) -> Result<()> {
                 let Ok((stream, _)) = accepted else { continue };
                 let engine = engine.clone();
                 let stop_tx = stop_tx.clone();
+                let stop_instances = stop_instances.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let engine = engine.clone();
                         let stop_tx = stop_tx.clone();
-                        async move { Ok::<_, Infallible>(route(&engine, req, &stop_tx).await) }
+                        let stop_instances = stop_instances.clone();
+                        async move {
+                            Ok::<_, Infallible>(route(&engine, req, &stop_tx, &stop_instances).await)
+                        }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service);
@@ -76,10 +85,18 @@ pub async fn serve(engine: Engine) -> Result<()> {
             }
         }
     }
-    let _ = reconcile.await;
+    // No new connections from here on; a new server may bind the socket path while this one
+    // finishes stopping (the client waits for this process to exit).
+    drop(listener);
     let _ = std::fs::remove_file(&socket);
+    let _ = reconcile.await;
+    let result = if stop_instances.load(Ordering::SeqCst) {
+        engine.stop_all().await
+    } else {
+        Ok(())
+    };
     let _ = std::fs::remove_file(paths.pid_file());
-    Ok(())
+    result
 }
 
 /// Binds the socket so that only the owner can connect: the socket file is created inside the
@@ -105,6 +122,7 @@ async fn route(
     engine: &Engine,
     req: Request<Incoming>,
     stop: &watch::Sender<bool>,
+    stop_instances: &AtomicBool,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -127,13 +145,9 @@ async fn route(
         },
         (Method::POST, "/v1/shutdown") => match body::<ShutdownRequest>(req).await {
             Ok(shutdown) => {
-                let result = if shutdown.stop_instances {
-                    engine.stop_all().await
-                } else {
-                    Ok(())
-                };
+                stop_instances.fetch_or(shutdown.stop_instances, Ordering::SeqCst);
                 let _ = stop.send(true);
-                result.and_then(|()| json(&serde_json::json!({})))
+                json(&serde_json::json!({}))
             }
             Err(e) => Err(e),
         },

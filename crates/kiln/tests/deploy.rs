@@ -350,3 +350,23 @@ fn down_leaves_no_process_and_released_images_are_kept() {
     let (status, release, _) = get(&url(&up));
     assert_eq!((status, release.as_str()), (200, "v1"));
 }
+
+/// Regression: `kiln down` stopped instances one by one while the reconcile loop still ran, and
+/// the loop relaunched them; with many instances every one of them survived the down.
+#[test]
+fn down_with_many_instances_stops_them_all_and_relaunches_none() {
+    let p = Project::new(&app(24, "/healthz").replace(
+        "min_healthy_time = \"300ms\"",
+        "min_healthy_time = \"0s\"\n    max_surge = 24",
+    ));
+    p.busybox_rootfs("rootfs");
+    p.write("site/healthz", "ok\n");
+    p.kiln(&["up"]).ok();
+    assert_eq!(
+        harness::instance_processes(&p).len(),
+        48,
+        "24 instances, two bwrap processes each"
+    );
+    p.kiln(&["down", "--auto-approve"]).ok();
+    assert_eq!(harness::instance_processes(&p), Vec::<String>::new());
+}

@@ -331,13 +331,21 @@ pub fn down(global: &GlobalArgs, args: &DownArgs) -> Result<ExitCode> {
             stop_instances: true,
         },
     ))?;
-    // Wait for the server process to be gone, so that nothing of kiln's remains.
+    // Wait for the server process to be gone: it exits only after every instance stopped, so
+    // that nothing of kiln's remains.
     if let Some(pid) = pid {
-        for _ in 0..200 {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+        let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+        for _ in 0..2400 {
+            if gone() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        if !gone() {
+            bail!(
+                "kiln server (pid {pid}) is still stopping instances after 2 minutes; see {}",
+                paths.server_log().display()
+            );
         }
     }
     ui::out("Stopped every instance and the server; the state is kept (`kiln up` brings it back).");
