@@ -15,6 +15,7 @@
 //! assert_eq!(config.unwrap().images["web"].name, "web");
 //! ```
 
+pub mod analysis;
 pub mod clock;
 pub mod config;
 pub mod diag;

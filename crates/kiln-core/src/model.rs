@@ -311,6 +311,14 @@ pub struct Analysis {
     /// Highest acceptable 99th-percentile latency.
     #[serde(default, with = "humantime_serde::option")]
     pub max_p99_latency: Option<Duration>,
+    /// Highest acceptable error rate above the stable release's in the same window, as a
+    /// difference of rates (`0.005`: half a percentage point more).
+    #[serde(default)]
+    pub max_error_rate_increase: Option<f64>,
+    /// Highest acceptable 99th-percentile latency above the stable release's in the same
+    /// window, as a fraction of it (`0.2`: at most 20 % slower).
+    #[serde(default)]
+    pub max_p99_increase: Option<f64>,
     /// Fewer requests than this in a window is inconclusive.
     pub min_requests: u64,
     /// Failed measurements tolerated before aborting.

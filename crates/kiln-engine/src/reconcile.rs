@@ -68,9 +68,7 @@ impl Engine {
     /// What the driver and the proxy say about a service's instances.
     fn observe(&self, world: &World, service: &str, now: SystemTime) -> Observed {
         let Some(s) = world.state.services.get(service) else {
-            return Observed {
-                instances: Vec::new(),
-            };
+            return Observed::default();
         };
         let now_ms = ms(now);
         let instances = s
@@ -112,7 +110,12 @@ impl Engine {
                 }
             })
             .collect();
-        Observed { instances }
+        // No analysis samples and no operator commands yet: a canary or blue/green analysis
+        // is then inconclusive (it pauses, never promotes) and a step without a pause waits.
+        Observed {
+            instances,
+            ..Observed::default()
+        }
     }
 
     /// Carries out one decision.
@@ -141,6 +144,16 @@ impl Engine {
                     s.stable = Some(release);
                     world.dirty = true;
                 }
+                Ok(())
+            }
+            Action::SetWeights { weights } => {
+                // The split is kept in the journal (persisted before this runs), so a restart
+                // keeps it; `sync_tables` at the end of the tick hands it to the proxy.
+                let split: Vec<String> = weights
+                    .iter()
+                    .map(|(release, w)| format!("v{release} {w}%"))
+                    .collect();
+                world.event(Some(service), "traffic", split.join(", "));
                 Ok(())
             }
             Action::MarkRelease { release, status } => {
@@ -208,9 +221,16 @@ impl Engine {
     }
 
     /// Gives every service's instances to the proxy: one pool per release, weighted by how many
-    /// routable instances it has, so each routable instance gets an equal share.
+    /// routable instances it has, so each routable instance gets an equal share — unless a
+    /// canary or blue/green rollout has set the split ([`Journal::weights`]): then each pool
+    /// gets its release's share and a release not in the split gets none.
     pub(crate) fn sync_tables(&self, world: &World) {
         for (name, s) in &world.state.services {
+            let split = s
+                .rollout
+                .clone()
+                .and_then(|j| serde_json::from_value::<Journal>(j).ok())
+                .and_then(|j| j.weights().cloned());
             let mut pools: BTreeMap<u32, Pool> = BTreeMap::new();
             for inst in &s.instances {
                 if inst.handle.is_null() {
@@ -227,7 +247,7 @@ impl Engine {
                         .and_then(|r| r.health.as_ref())
                         .map(health_check),
                 });
-                if inst.routable {
+                if split.is_none() && inst.routable {
                     pool.weight += 1;
                 }
                 pool.backends.push(BackendSpec {
@@ -235,6 +255,11 @@ impl Engine {
                     addr: std::net::SocketAddr::from(([127, 0, 0, 1], inst.port)),
                     routable: inst.routable && !inst.retiring,
                 });
+            }
+            if let Some(split) = &split {
+                for pool in pools.values_mut() {
+                    pool.weight = split.get(&pool.release).copied().unwrap_or(0);
+                }
             }
             let health = s.spec.health.as_ref().map(health_check);
             self.shared.proxy.set_service(

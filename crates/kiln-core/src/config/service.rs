@@ -58,6 +58,8 @@ const ANALYSIS: Schema = Schema {
         "max_error_rate",
         "max_p50_latency",
         "max_p99_latency",
+        "max_error_rate_increase",
+        "max_p99_increase",
         "min_requests",
         "failure_limit",
         "inconclusive_limit",
@@ -286,6 +288,15 @@ impl Loader<'_> {
         });
         let max_p50_latency = self.get(f.attr("max_p50_latency"), Self::duration);
         let max_p99_latency = self.get(f.attr("max_p99_latency"), Self::duration);
+        // Relative to the stable release in the same window: a difference of error rates
+        // (0–1), and a fraction of stable's p99 (1.0 is twice as slow; 100 is a generous cap
+        // that still catches a typo such as a latency in milliseconds).
+        let max_error_rate_increase = self.get(f.attr("max_error_rate_increase"), |cx, v, at| {
+            cx.fraction(v, at, 0.0, 1.0)
+        });
+        let max_p99_increase = self.get(f.attr("max_p99_increase"), |cx, v, at| {
+            cx.fraction(v, at, 0.0, 100.0)
+        });
         let min_requests = self.get(f.attr("min_requests"), |cx, v, at| cx.int(v, at, 0, None));
         let limit = |cx: &mut Self, key: &str| {
             cx.get(f.attr(key), |cx, v, at| cx.int(v, at, 0, None))
@@ -296,6 +307,8 @@ impl Loader<'_> {
             max_error_rate,
             max_p50_latency,
             max_p99_latency,
+            max_error_rate_increase,
+            max_p99_increase,
             min_requests: min_requests.unwrap_or(50),
             failure_limit: limit(self, "failure_limit"),
             inconclusive_limit: limit(self, "inconclusive_limit"),

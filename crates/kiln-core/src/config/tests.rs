@@ -629,6 +629,55 @@ fn rollout_rules() {
 }
 
 #[test]
+fn analysis_rules_relative_to_stable() {
+    let service = |analysis: &str| {
+        format!(
+            "{WEB}service \"web\" {{\n  image = image.web\n  port = 80\n  rollout {{\n    \
+             strategy = \"canary\"\n    steps = [{{ weight = 10 }}]\n    analysis {{\n{analysis}\n    }}\n  }}\n}}\n"
+        )
+    };
+    let config = load_ok(
+        &service(
+            "      max_error_rate_increase = 0.005\n      max_p99_increase = 0.2\n      \
+             failure_limit = 2\n      inconclusive_limit = 3",
+        ),
+        &[],
+    );
+    let analysis = config.services["web"].rollout.analysis.clone().unwrap();
+    assert_eq!(analysis.max_error_rate_increase, Some(0.005));
+    assert_eq!(analysis.max_p99_increase, Some(0.2));
+    assert_eq!(
+        (analysis.failure_limit, analysis.inconclusive_limit),
+        (2, 3)
+    );
+    // Absent, the relative rules are not checked; the absolute defaults are unchanged.
+    let plain = load_ok(&service("      max_error_rate = 0.01"), &[]);
+    let plain = plain.services["web"].rollout.analysis.clone().unwrap();
+    assert_eq!(
+        (plain.max_error_rate_increase, plain.max_p99_increase),
+        (None, None)
+    );
+    assert_eq!(
+        (plain.min_requests, plain.interval),
+        (50, Duration::from_secs(10))
+    );
+    check(
+        &service("      max_error_rate_increase = 2\n      max_p99_increase = -1"),
+        &[],
+        &expect![[r#"
+            kiln.hcl:10:33: error: expected a number from 0 to 1, found number 2
+               |
+            10 |       max_error_rate_increase = 2
+               |                                 ^
+
+            kiln.hcl:11:26: error: expected a number from 0 to 100, found number -1
+               |
+            11 |       max_p99_increase = -1
+               |                          ^^"#]],
+    );
+}
+
+#[test]
 fn warnings_alone_still_load() {
     let text = format!(
         "{WEB}service \"web\" {{\n  image = image.web\n  port = 80\n  rollout {{ steps = [{{ weight = 10 }}] }}\n}}\n"

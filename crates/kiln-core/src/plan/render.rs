@@ -153,18 +153,27 @@ fn describe(s: &Schedule) -> String {
     } else {
         String::new()
     };
-    let how = match s.strategy {
+    // A first deploy has nothing to protect and rolls out like a rolling update whatever
+    // the strategy.
+    let strategy = match s.from_release {
+        Some(_) => s.strategy,
+        None => Strategy::Rolling,
+    };
+    let how = match strategy {
         Strategy::Rolling => format!("rolling in {batches}{surge}, about {duration}"),
         Strategy::BlueGreen => {
-            let promote = if s.waits_for_promotion {
-                "`kiln rollout promote`"
-            } else {
-                "they are healthy"
+            let promote = match (s.waits_for_promotion, &s.analysis) {
+                (true, Some(_)) => "`kiln rollout promote` and a passing analysis",
+                (true, None) => "`kiln rollout promote`",
+                (false, Some(_)) => "a passing analysis",
+                (false, None) => "they are healthy",
             };
             format!(
-                "blue/green: {} new instances in {batches}{surge}, about {duration}, \
-                 then all traffic switches after {promote}",
-                s.instances
+                "blue/green: {} new instances at once{surge}, about {duration}, \
+                 then all traffic switches at once after {promote}{}{}",
+                s.instances,
+                analysis(s),
+                warm(s)
             )
         }
         Strategy::Canary => {
@@ -176,13 +185,65 @@ fn describe(s: &Schedule) -> String {
                     None => format!("{}% until promoted", step.weight),
                 })
                 .collect();
-            let plural = if s.instances == 1 { "" } else { "s" };
+            let canary = s.batches.first().copied().unwrap_or(s.instances);
+            let plural = if canary == 1 { "" } else { "s" };
             format!(
-                "canary with {} instance{plural}{surge}, about {duration}: {}, then 100%",
+                "canary with {canary} instance{plural}, {} at promotion{surge}, about {duration}: \
+                 {}, then 100%{}{}",
                 s.instances,
-                steps.join(", ")
+                steps.join(", "),
+                analysis(s),
+                warm(s)
             )
         }
     };
     format!("{how}; {}", s.rollback)
+}
+
+/// The analysis that gates the steps: `; analysis every 5s: error rate ≤ 1%, p99 ≤ 300ms, …`.
+fn analysis(s: &Schedule) -> String {
+    let Some(a) = &s.analysis else {
+        return String::new();
+    };
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let pct = |r: f64| {
+        let p = format!("{:.3}", r * 100.0);
+        format!("{}%", p.trim_end_matches('0').trim_end_matches('.'))
+    };
+    let mut rules = Vec::new();
+    if let Some(r) = a.max_error_rate {
+        rules.push(format!("error rate <= {}", pct(r)));
+    }
+    if let Some(l) = a.max_p50_latency {
+        rules.push(format!("p50 <= {}", d(l)));
+    }
+    if let Some(l) = a.max_p99_latency {
+        rules.push(format!("p99 <= {}", d(l)));
+    }
+    if let Some(r) = a.max_error_rate_increase {
+        rules.push(format!("error rate <= stable + {}", pct(r)));
+    }
+    if let Some(r) = a.max_p99_increase {
+        rules.push(format!("p99 <= stable + {}", pct(r)));
+    }
+    rules.push(format!("at least {} requests", a.min_requests));
+    format!(
+        "; analysis every {}: {} (failure_limit {}, inconclusive_limit {}: too few requests \
+         pauses, never promotes)",
+        d(a.interval),
+        rules.join(", "),
+        a.failure_limit,
+        a.inconclusive_limit
+    )
+}
+
+/// `; v1 stays warm 5m after promotion`.
+fn warm(s: &Schedule) -> String {
+    match (s.warm_for, s.from_release) {
+        (Some(w), Some(from)) => format!(
+            "; v{from} stays warm {} after promotion",
+            humantime::format_duration(w)
+        ),
+        _ => String::new(),
+    }
 }

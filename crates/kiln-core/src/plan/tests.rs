@@ -5,7 +5,7 @@ use expect_test::{Expect, expect};
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{CanaryStep, Health, Rollout, Route, Strategy as Kind};
+use crate::model::{Analysis, CanaryStep, Health, Rollout, Route, Strategy as Kind};
 use crate::state::{Release, ReleaseStatus};
 
 /// A digest that reads well in snapshots: `prefix` padded with zeros.
@@ -947,20 +947,46 @@ fn canary_and_blue_green_schedules() {
             pause: None,
         },
     ];
+    canary.rollout.analysis = Some(Analysis {
+        interval: Duration::from_secs(5),
+        max_error_rate: Some(0.01),
+        max_p50_latency: None,
+        max_p99_latency: Some(Duration::from_millis(300)),
+        max_error_rate_increase: None,
+        max_p99_increase: Some(0.2),
+        min_requests: 50,
+        failure_limit: 1,
+        inconclusive_limit: 2,
+    });
     let plan = make(&[canary], &[], &state);
     let schedule = plan.resource_changes[0].rollout.as_ref().unwrap();
     assert!(schedule.waits_for_promotion);
-    assert_eq!(schedule.expected_duration, Duration::from_secs(43));
+    // One canary instance up (13s), 30s at 10%, at least one analysis interval (5s) at 50%,
+    // then the other two instances up (13s). The manual wait is not counted.
+    assert_eq!(schedule.expected_duration, Duration::from_secs(61));
+    // The new release ends at full size beside all three stable instances before the switch.
+    assert_eq!(
+        (schedule.batches.as_slice(), schedule.surge),
+        (&[1, 2][..], 3)
+    );
+    assert_eq!(schedule.warm_for, Some(Duration::from_secs(300)));
     expect![[r#"
           # service.web will be replaced by release v2: image changed, rollout settings changed
           +/- service "web"
               ~ image_digest: sha256:1a2b3c4d5e6f -> sha256:c0ffee000000
+              + rollout.analysis.failure_limit: 1
+              + rollout.analysis.inconclusive_limit: 2
+              + rollout.analysis.interval: "5s"
+              + rollout.analysis.max_error_rate: 0.01
+              + rollout.analysis.max_p99_increase: 0.2
+              + rollout.analysis.max_p99_latency: "300ms"
+              + rollout.analysis.min_requests: 50
               + rollout.canary_instances: 1
               + rollout.steps[0].pause: "30s"
               + rollout.steps[0].weight: 10
               + rollout.steps[1].weight: 50
               ~ rollout.strategy: "rolling" -> "canary"
-                rollout: canary with 1 instance (surge 1), about 43s: 10% for 30s, 50% until promoted, then 100%; if v2 does not turn healthy within 5m or the rollout takes over 10m, v2 is stopped and v1 is restored to 3 instances (auto_rollback)
+                rollout: canary with 1 instance, 3 at promotion (surge 3), about 1m 1s: 10% for 30s, 50% until promoted, then 100%; analysis every 5s: error rate <= 1%, p99 <= 300ms, p99 <= stable + 20%, at least 50 requests (failure_limit 1, inconclusive_limit 2: too few requests pauses, never promotes); v1 stays warm 5m after promotion; if analysis fails 2 times in a row, or a v2 instance exits or is not healthy within 5m, or v2 is not up within 10m, or on `kiln rollout abort`, every request returns to v1 in one switch (v1 keeps its 3 instances until promotion) and v2 is stopped; during the 5m warm period after promotion `kiln rollout abort` switches back to v1 the same way
 
         Plan: 0 to create, 1 to replace, 0 to update, 0 to delete.
     "#]].assert_eq(&plan.render());
@@ -976,7 +1002,7 @@ fn canary_and_blue_green_schedules() {
               ~ image_digest: sha256:1a2b3c4d5e6f -> sha256:b1de00000000
               ~ rollout.auto_rollback: true -> false
               ~ rollout.strategy: "rolling" -> "blue_green"
-                rollout: blue/green: 3 new instances in 3 batches of 1 (surge 3), about 39s, then all traffic switches after `kiln rollout promote`; if v2 does not turn healthy within 5m or the rollout takes over 10m, the rollout stops and what serves keeps serving; `kiln rollback web` returns to v1 (auto_rollback is off)
+                rollout: blue/green: 3 new instances at once (surge 3), about 13s, then all traffic switches at once after `kiln rollout promote`; v1 stays warm 5m after promotion; if a v2 instance exits or is not healthy within 5m, or v2 is not up within 10m, or on `kiln rollout abort`, every request returns to v1 in one switch (v1 keeps its 3 instances until promotion) and v2 is stopped; during the 5m warm period after promotion `kiln rollout abort` switches back to v1 the same way
 
         Plan: 0 to create, 1 to replace, 0 to update, 0 to delete.
     "#]].assert_eq(&plan.render());

@@ -1,4 +1,6 @@
-//! The rolling update as a pure state machine, and self-healing of a service at rest.
+//! The rolling update, canary and blue/green rollouts as pure state machines, and
+//! self-healing of a service at rest. Canary and blue/green live in `progressive.rs`; their
+//! rules are documented there and on [`Progressive`].
 //!
 //! The engine owns time, instances and the proxy; this module only decides. A rollout is a
 //! [`Journal`] made by [`start`] and advanced by [`step`] with each new [`Observed`] snapshot:
@@ -22,6 +24,12 @@
 //!   takes it out, drains and stops it; both must be idempotent (they may be issued again
 //!   after a restart) and show in the observation as `routable` / `retiring`.
 //! - An instance without a health check is reported `Healthy` from the moment it started.
+//! - Canary and blue/green: `SetWeights` sets the share of requests per release; while a
+//!   journal has [`Journal::weights`], the proxy's pools take exactly those weights (a release
+//!   not named gets none), otherwise pools are weighed by routed instances. With `analysis`,
+//!   the engine reports the RED counts since [`Journal::samples_since`] in
+//!   [`Observed::samples`]; operator commands come in [`Observed::command`] with a growing
+//!   `seq`, and may be delivered until [`Progressive::last_command`] shows them taken.
 //!
 //! Rules of the rolling update (create before destroy; Nomad's `update` block):
 //! - An instance is *ready* once it has been `Healthy` for `min_healthy_time`. Only ready
@@ -51,11 +59,17 @@
 
 mod heal;
 mod ledger;
+mod progressive;
+#[cfg(test)]
+mod progressive_sim;
+#[cfg(test)]
+mod progressive_tests;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -65,7 +79,9 @@ pub use heal::{
     STABLE_PERIOD_MS, heal,
 };
 pub use ledger::{Launching, Ledger};
+pub use progressive::{Command, OperatorCommand, Paused, Progressive, Stage};
 
+use crate::analysis::Samples;
 use crate::state::{ReleaseStatus, ServiceSpec};
 
 /// The durable record of one rollout: its settings, where it stands, every decision taken.
@@ -104,6 +120,11 @@ pub struct Journal {
     /// Actions issued and not yet observed done.
     #[serde(default)]
     pub ledger: Ledger,
+    /// The state of a canary or blue/green rollout; `None` for a rolling update (and for the
+    /// first deploy of any strategy: with nothing to protect it rolls out like a rolling
+    /// update).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progressive: Option<Progressive>,
 }
 
 /// Where a rollout stands.
@@ -153,6 +174,17 @@ pub struct Entry {
 pub struct Observed {
     /// Every instance of the service kiln knows of, of any release, until it is seen stopped.
     pub instances: Vec<ObservedInstance>,
+    /// The latest measurement window of the new release and the stable one, for a rollout with
+    /// `analysis` (ignored otherwise). It should count requests since
+    /// [`Journal::samples_since`]; a window that begins earlier, or none at all when a
+    /// measurement is due, counts as inconclusive.
+    #[serde(default)]
+    pub samples: Option<Samples>,
+    /// The latest operator command for this service's rollout. The engine may deliver the
+    /// same command on every tick: one whose `seq` is not above [`Progressive::last_command`]
+    /// was already taken and is ignored.
+    #[serde(default)]
+    pub command: Option<OperatorCommand>,
 }
 
 /// One instance as observed.
@@ -223,6 +255,14 @@ pub enum Action {
         /// Its new status.
         status: ReleaseStatus,
     },
+    /// Split the service's requests between releases by these shares (they sum to 100; a
+    /// release not named gets none). The split is also kept in the journal
+    /// ([`Journal::weights`]), so it survives a restart; once the rollout is over the proxy
+    /// goes back to weighing releases by their routed instances.
+    SetWeights {
+        /// Percent of requests per release number.
+        weights: BTreeMap<u32, u32>,
+    },
 }
 
 /// A new rollout of `spec` from release `from` to `to`, started at `now_ms`.
@@ -240,6 +280,20 @@ pub fn start(
         Some(from) => format!("roll {service} from v{from} to v{to}"),
         None => format!("roll out {service} v{to}"),
     };
+    use crate::model::Strategy::{BlueGreen, Canary};
+    let progressive = match (r.strategy, from) {
+        (Canary | BlueGreen, Some(from)) if spec.instances > 0 => {
+            Some(Progressive::new(spec, from, now_ms))
+        }
+        _ => None,
+    };
+    let first = match &progressive {
+        Some(p) => p.describe(service, from.unwrap_or_default(), to, spec.instances),
+        None => format!(
+            "{what}: {} instances, {max_parallel} at a time",
+            spec.instances
+        ),
+    };
     Journal {
         deployment_id: deployment_id.to_owned(),
         service: service.to_owned(),
@@ -255,13 +309,11 @@ pub fn start(
         phase: Phase::Rolling,
         log: vec![Entry {
             at_ms: now_ms,
-            message: format!(
-                "{what}: {} instances, {max_parallel} at a time",
-                spec.instances
-            ),
+            message: first,
         }],
         floor: None,
         ledger: Ledger::default(),
+        progressive,
     }
 }
 
@@ -285,6 +337,11 @@ pub fn step(journal: &Journal, observed: &Observed, now_ms: u64) -> (Journal, Ve
         return (j, actions);
     }
     j.ledger.observe(observed);
+    if let Some(mut p) = j.progressive.take() {
+        j.progress(&mut p, observed, now_ms, &mut actions);
+        j.progressive = Some(p);
+        return (j, actions);
+    }
     if j.floor.is_none() {
         let serving = observed
             .instances
@@ -320,6 +377,24 @@ pub fn step(journal: &Journal, observed: &Observed, now_ms: u64) -> (Journal, Ve
 }
 
 impl Journal {
+    /// The traffic split a canary or blue/green rollout has set, which the proxy must apply
+    /// while the rollout runs; `None` while the proxy should weigh releases by their routed
+    /// instances (rolling updates, and before the first split).
+    pub fn weights(&self) -> Option<&BTreeMap<u32, u32>> {
+        self.progressive
+            .as_ref()
+            .map(|p| &p.weights)
+            .filter(|w| !w.is_empty())
+    }
+
+    /// When the samples in [`Observed::samples`] should start counting: the later of when the
+    /// current traffic split was set and the end of the last window judged. `None` when no
+    /// analysis is measuring.
+    pub fn samples_since(&self) -> Option<u64> {
+        let run = self.progressive.as_ref()?.analysis.as_ref()?;
+        run.next_ms.map(|_| run.window_floor_ms)
+    }
+
     fn note(&mut self, at_ms: u64, message: String) {
         self.log.push(Entry { at_ms, message });
     }
@@ -350,6 +425,28 @@ impl Journal {
 
     /// Why the rolling phase fails now, if it does.
     fn failure(&self, observed: &Observed, now_ms: u64) -> Option<String> {
+        if let Some(why) = self.health_failure(observed, now_ms) {
+            return Some(why);
+        }
+        if now_ms >= self.started_ms.saturating_add(self.progress_deadline_ms) {
+            let ready = observed
+                .instances
+                .iter()
+                .filter(|i| i.release == self.to && self.serving(i, self.to, now_ms))
+                .count();
+            return Some(format!(
+                "the rollout did not finish within {}: {ready} of {} v{} instances serve",
+                fmt_ms(self.progress_deadline_ms),
+                self.target,
+                self.to
+            ));
+        }
+        None
+    }
+
+    /// Why the new release counts as failed by its instances, if it does: one exited, one
+    /// never turned healthy, or a launch never appeared.
+    fn health_failure(&self, observed: &Observed, now_ms: u64) -> Option<String> {
         let deadline = fmt_ms(self.healthy_deadline_ms);
         for i in &observed.instances {
             if i.release != self.to || self.ledger.is_retiring(i) {
@@ -374,19 +471,6 @@ impl Journal {
         if lost {
             return Some(format!(
                 "a v{} instance did not appear within {deadline} of its launch",
-                self.to
-            ));
-        }
-        if now_ms >= self.started_ms.saturating_add(self.progress_deadline_ms) {
-            let ready = observed
-                .instances
-                .iter()
-                .filter(|i| i.release == self.to && self.serving(i, self.to, now_ms))
-                .count();
-            return Some(format!(
-                "the rollout did not finish within {}: {ready} of {} v{} instances serve",
-                fmt_ms(self.progress_deadline_ms),
-                self.target,
                 self.to
             ));
         }

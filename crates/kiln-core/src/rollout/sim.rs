@@ -47,6 +47,11 @@ pub(super) struct World {
     numbers: BTreeMap<u32, u32>,
     pub stable: Option<u32>,
     pub marks: Vec<(u32, ReleaseStatus)>,
+    /// The traffic split last set (empty: by routed instances).
+    pub weights: BTreeMap<u32, u32>,
+    /// What the next observations report as analysis samples and operator command.
+    pub samples: Option<Samples>,
+    pub command: Option<OperatorCommand>,
 }
 
 impl World {
@@ -61,6 +66,9 @@ impl World {
             numbers: BTreeMap::new(),
             stable: (serving + idle > 0).then_some(from),
             marks: Vec::new(),
+            weights: BTreeMap::new(),
+            samples: None,
+            command: None,
         };
         for k in 0..serving + idle {
             let fate = if k < serving {
@@ -102,6 +110,8 @@ impl World {
     pub fn observe(&self) -> Observed {
         Observed {
             instances: self.instances.iter().map(|i| i.obs.clone()).collect(),
+            samples: self.samples,
+            command: self.command,
         }
     }
 
@@ -140,6 +150,12 @@ impl World {
                 Action::MarkRelease { release, status } => {
                     self.marks.push((*release, *status));
                     format!("v{release} {status:?}").to_lowercase()
+                }
+                Action::SetWeights { weights } => {
+                    self.weights.clone_from(weights);
+                    let split: Vec<String> =
+                        weights.iter().map(|(r, w)| format!("v{r}={w}")).collect();
+                    format!("weights {}", split.join(" "))
                 }
             });
         }
