@@ -6,6 +6,7 @@
 //! | `GET /v1/status` | | [`Status`] |
 //! | `POST /v1/apply` | [`ApplyRequest`] | [`ApplyResponse`] |
 //! | `GET /v1/events?after=N` | | `[Event]` |
+//! | `POST /v1/rollout` | [`RolloutCommand`] | `{}` once queued for the rollout |
 //! | `POST /v1/shutdown` | [`ShutdownRequest`] | `{}`, then the server stops |
 //!
 //! Errors answer with a non-2xx status and an [`ApiError`] body.
@@ -112,8 +113,22 @@ pub struct RolloutStatus {
     pub to: u32,
     /// `rolling`, `reverting`, …
     pub phase: String,
-    /// The last decisions.
+    /// Canary / blue-green: where it stands (`step 2 of 3`, `preview`, `warm`, …) and whether
+    /// it is paused.
+    pub stage: Option<String>,
+    /// The traffic split it set, percent per release.
+    pub weights: BTreeMap<u32, u32>,
+    /// Its decisions, oldest first (the last 20).
     pub log: Vec<String>,
+}
+
+/// An operator command for a service's rollout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutCommand {
+    /// The service.
+    pub service: String,
+    /// `promote`, `abort`, `pause` or `resume`.
+    pub command: String,
 }
 
 /// One instance.

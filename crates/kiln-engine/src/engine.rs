@@ -95,6 +95,12 @@ pub(crate) struct World {
     pub(crate) events: Vec<NewEvent>,
     /// Whether `state` differs from what was last persisted.
     pub(crate) dirty: bool,
+    /// Start-of-window counters per service, for analysis samples.
+    pub(crate) marks: BTreeMap<String, crate::analysis::Mark>,
+    /// Operator commands not yet taken by a rollout, per service.
+    pub(crate) commands: BTreeMap<String, rollout::OperatorCommand>,
+    /// The sequence number of the last command given.
+    pub(crate) next_command: u64,
 }
 
 /// Milliseconds since 1970 of `t`.
@@ -145,6 +151,9 @@ impl Engine {
             bound: BTreeMap::new(),
             events: Vec::new(),
             dirty: false,
+            marks: BTreeMap::new(),
+            commands: BTreeMap::new(),
+            next_command: ms(now),
         };
         Ok(Self {
             shared: Arc::new(Shared {

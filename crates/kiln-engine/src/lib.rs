@@ -5,6 +5,7 @@
 //! and health, asks [`kiln_core::rollout`] what to do, persists the decision, and then acts.
 //! [`server::serve`] puts it behind a Unix socket; [`client::Client`] is the CLI's side.
 
+mod analysis;
 pub mod api;
 pub mod client;
 mod engine;

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use kiln_core::rollout::{
-    self, Action, Backoff, HealSettings, InstanceHealth, Journal, Observed, ObservedInstance, Phase,
+    self, Action, Backoff, HealSettings, InstanceHealth, Journal, Observed, ObservedInstance,
+    Phase, Stage,
 };
 use kiln_core::state::{Instance, ServiceState};
 use kiln_driver::{Handle, Status};
@@ -43,8 +44,31 @@ impl Engine {
         let names: Vec<String> = world.state.services.keys().cloned().collect();
         let mut work: Vec<(String, Vec<Action>)> = Vec::new();
         for name in names {
-            let observed = self.observe(&world, &name, now);
+            let mut observed = self.observe(&world, &name, now);
+            let journal = world
+                .state
+                .services
+                .get(&name)
+                .and_then(|s| s.rollout.clone())
+                .and_then(|j| serde_json::from_value::<Journal>(j).ok());
+            if let Some(journal) = &journal {
+                observed.samples = self.samples(&mut world, &name, journal, ms(now));
+                observed.command = world.commands.get(&name).cloned();
+            }
             let actions = decide(&mut world, &name, &observed, ms(now));
+            // A command the journal has taken is done.
+            let taken = world
+                .state
+                .services
+                .get(&name)
+                .and_then(|s| s.rollout.clone())
+                .and_then(|j| serde_json::from_value::<Journal>(j).ok())
+                .and_then(|j| j.progressive.map(|p| p.last_command));
+            if let Some(cmd) = world.commands.get(&name)
+                && (journal.is_some() && (taken.is_none_or(|t| t >= cmd.seq)))
+            {
+                world.commands.remove(&name);
+            }
             if !actions.is_empty() {
                 work.push((name, actions));
             }
@@ -481,11 +505,27 @@ pub(crate) fn service_status(
                 Phase::Succeeded => "succeeded".to_owned(),
                 Phase::Failed { reason, .. } => format!("failed: {reason}"),
             },
+            stage: j.progressive.as_ref().map(|p| {
+                let stage = match &p.stage {
+                    Stage::BringUp { .. } => "bringing up the new release".to_owned(),
+                    Stage::Step { index, .. } => format!("step {} of {}", index + 1, p.steps.len()),
+                    Stage::Preview { .. } => "preview: waiting for promotion".to_owned(),
+                    Stage::ScaleUp { .. } => "scaling the new release up".to_owned(),
+                    Stage::Warm { .. } => "promoted; the old release stays warm".to_owned(),
+                    _ => "aborting".to_owned(),
+                };
+                if p.paused.is_some() {
+                    format!("{stage} (paused)")
+                } else {
+                    stage
+                }
+            }),
+            weights: j.weights().cloned().unwrap_or_default(),
             log: j
                 .log
                 .iter()
                 .rev()
-                .take(5)
+                .take(20)
                 .rev()
                 .map(|e| e.message.clone())
                 .collect(),

@@ -14,6 +14,11 @@ use kiln_driver::fake::{FakeControl, FakeDriver};
 use kiln_engine::api::{ApplyRequest, Status};
 use kiln_engine::{Engine, EngineConfig, Paths};
 
+const ROLLING: &str = r#"
+    min_healthy_time = "100ms"
+    healthy_deadline = "2s"
+"#;
+
 const CONFIG: &str = r#"
 project = "p"
 variable "greeting" { default = "one" }
@@ -30,13 +35,13 @@ service "web" {
     healthy_threshold = 1
   }
   rollout {
-    min_healthy_time = "100ms"
-    healthy_deadline = "2s"
+ROLLOUT
   }
 }
 "#;
 
 struct World {
+    rollout: String,
     _dir: tempfile::TempDir,
     paths: Paths,
     engine: Engine,
@@ -45,6 +50,10 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(ROLLING).await
+}
+
+async fn world_with(rollout: &str) -> World {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(dir.path().join(".kiln"));
     paths.create().unwrap();
@@ -67,6 +76,7 @@ async fn world() -> World {
             .await;
     });
     World {
+        rollout: rollout.to_owned(),
         _dir: dir,
         paths,
         engine,
@@ -89,7 +99,7 @@ impl World {
         let (config, diags) = load(
             &Source {
                 name: "kiln.hcl".into(),
-                text: CONFIG.into(),
+                text: CONFIG.replace("ROLLOUT", &self.rollout),
             },
             &overrides,
         );
@@ -210,4 +220,96 @@ async fn a_second_apply_while_a_rollout_runs_is_refused() {
     w.apply("one").await.unwrap();
     let err = w.apply("two").await.unwrap_err().to_string();
     assert!(err.contains("state is locked by apply (test@host"), "{err}");
+}
+
+const CANARY_WAITING: &str = r#"
+    strategy         = "canary"
+    steps            = [{ weight = 25 }]
+    min_healthy_time = "100ms"
+    healthy_deadline = "2s"
+    scale_down_delay = "100ms"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_step_without_a_pause_waits_for_promote_then_finishes() {
+    let w = world_with(CANARY_WAITING).await;
+    w.apply("one").await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2)).await;
+    w.apply("two").await.unwrap();
+    let held = w
+        .until("the canary holds at its step", |s| {
+            s.services[0]
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.weights == BTreeMap::from([(1, 75), (2, 25)]))
+        })
+        .await;
+    assert_eq!(
+        held.services[0].traffic,
+        BTreeMap::from([(1, 75.0), (2, 25.0)]),
+        "the proxy uses the split"
+    );
+    w.engine
+        .command("web", kiln_core::rollout::Command::Promote)
+        .await
+        .unwrap();
+    w.until("v2 takes over", |s| serving(s, 2, 2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_returns_every_request_to_stable_in_one_switch() {
+    let w = world_with(CANARY_WAITING).await;
+    w.apply("one").await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2)).await;
+    w.apply("two").await.unwrap();
+    w.until("the canary holds at its step", |s| {
+        s.services[0]
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.weights.get(&2) == Some(&25))
+    })
+    .await;
+    w.engine
+        .command("web", kiln_core::rollout::Command::Abort)
+        .await
+        .unwrap();
+    let back = w.until("v1 alone serves again", |s| serving(s, 1, 2)).await;
+    assert_eq!(back.services[0].traffic, BTreeMap::from([(1, 100.0)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_without_traffic_never_promotes_on_analysis() {
+    let w = world_with(
+        r#"
+    strategy         = "canary"
+    steps            = [{ weight = 50, pause = "100ms" }]
+    min_healthy_time = "100ms"
+    healthy_deadline = "2s"
+    analysis {
+      interval       = "100ms"
+      max_error_rate = 0.1
+      min_requests   = 10
+    }
+"#,
+    )
+    .await;
+    w.apply("one").await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2)).await;
+    w.apply("two").await.unwrap();
+    // No request reaches the service: every window is inconclusive and the rollout pauses.
+    let paused = w
+        .until("the canary pauses for lack of data", |s| {
+            s.services[0]
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.stage.as_deref().is_some_and(|st| st.contains("paused")))
+        })
+        .await;
+    let r = paused.services[0].rollout.as_ref().unwrap();
+    assert_eq!(
+        r.weights.get(&2),
+        Some(&50),
+        "never past its first step: {r:#?}"
+    );
+    assert_eq!(paused.services[0].stable, Some(1));
 }

@@ -89,7 +89,7 @@ impl ReleaseCounters {
 }
 
 /// What the proxy measured for one release of a service, since the release was first routed to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ReleaseMetrics {
     /// Requests answered for this release, whatever their status (proxy-generated 502s included).
     pub requests: u64,
@@ -102,7 +102,7 @@ pub struct ReleaseMetrics {
 }
 
 /// A latency histogram with fixed log-linear buckets in microseconds (see [`bucket_upper_micros`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LatencyHistogram {
     /// `counts[i]` requests took less than `bucket_upper_micros(i)` and at least the bound of `i - 1`.
     pub counts: Vec<u64>,

@@ -39,6 +39,9 @@ enum Command {
     Server,
     /// Show services, releases, instances, health and traffic.
     Status(cmd::inspect::StatusArgs),
+    /// Watch and steer the rollout in progress: status, promote, abort, pause, resume.
+    #[command(subcommand)]
+    Rollout(cmd::rollout::Command),
     /// List a service's releases.
     Releases(cmd::inspect::ReleasesArgs),
     /// Print instance logs.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Down(args) => cmd::deploy::down(&cli.global, &args),
         Command::Server => cmd::server::run(&cli.global),
         Command::Status(args) => cmd::inspect::status(&cli.global, &args),
+        Command::Rollout(command) => cmd::rollout::run(&cli.global, command),
         Command::Releases(args) => cmd::inspect::releases(&cli.global, &args),
         Command::Logs(args) => cmd::inspect::logs(&cli.global, &args),
         Command::State(command) => cmd::inspect::state(&cli.global, command),

@@ -4,5 +4,6 @@ pub mod bake;
 pub mod deploy;
 pub mod images;
 pub mod inspect;
+pub mod rollout;
 pub mod server;
 pub mod validate;

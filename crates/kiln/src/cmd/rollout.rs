@@ -1,0 +1,111 @@
+//! `kiln rollout status | promote | abort | pause | resume SERVICE`: watch and steer the rollout
+//! in progress. The decisions stay in the server; these only hand it an operator's command.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use kiln_engine::api::{RolloutCommand, Status};
+use kiln_engine::client::Client;
+
+use crate::cmd::deploy::{confirm, paths, runtime};
+use crate::project::GlobalArgs;
+use crate::ui;
+
+/// Rollout subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Where the rollout stands: stage, traffic split, analysis verdicts, decisions.
+    Status {
+        /// The service.
+        service: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve the current canary step or the blue/green switch (analysis must still pass).
+    Promote(Target),
+    /// Send every request back to the stable release now and stop the new one.
+    Abort(Target),
+    /// Hold the rollout where it stands.
+    Pause(Target),
+    /// Continue a paused rollout.
+    Resume(Target),
+}
+
+/// The service a command is for.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The service.
+    service: String,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    auto_approve: bool,
+}
+
+/// Runs a rollout subcommand.
+pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
+    let client = Client::new(&paths(global).socket());
+    let rt = runtime()?;
+    let (target, verb, question) = match command {
+        Command::Status { service, json } => {
+            let status: Status = rt.block_on(client.get("/v1/status"))?;
+            let Some(s) = status.services.into_iter().find(|s| s.name == service) else {
+                bail!("no service `{service}`");
+            };
+            if json {
+                ui::out_json(&s.rollout)?;
+            } else {
+                match &s.rollout {
+                    None => ui::out(format!(
+                        "service {service}: no rollout in progress; stable {}",
+                        s.stable.map_or("-".to_owned(), |v| format!("v{v}"))
+                    )),
+                    Some(r) => {
+                        let split: Vec<String> = r
+                            .weights
+                            .iter()
+                            .map(|(v, w)| format!("v{v} {w}%"))
+                            .collect();
+                        ui::out(format!(
+                            "service {service}: {} → v{} ({}), deployment {}",
+                            r.from.map_or("-".to_owned(), |v| format!("v{v}")),
+                            r.to,
+                            r.stage.as_deref().unwrap_or(&r.phase),
+                            r.deployment_id
+                        ));
+                        if !split.is_empty() {
+                            ui::out(format!("  traffic: {}", split.join(", ")));
+                        }
+                        for line in &r.log {
+                            ui::out(format!("  {line}"));
+                        }
+                    }
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Promote(t) => (t, "promote", "promote the new release"),
+        Command::Abort(t) => (t, "abort", "send every request back to the stable release"),
+        Command::Pause(t) => (t, "pause", "pause the rollout"),
+        Command::Resume(t) => (t, "resume", "resume the rollout"),
+    };
+    // Pausing changes nothing that runs; promote, abort and resume do.
+    if verb != "pause" {
+        confirm(
+            &format!("{question} of `{}`", target.service),
+            target.auto_approve,
+        )?;
+    }
+    rt.block_on(client.post::<_, serde_json::Value>(
+        "/v1/rollout",
+        &RolloutCommand {
+            service: target.service.clone(),
+            command: verb.to_owned(),
+        },
+    ))?;
+    ui::out(format!(
+        "{verb}: sent to the rollout of `{}` (follow it with `kiln rollout status {}`)",
+        target.service, target.service
+    ));
+    Ok(ExitCode::SUCCESS)
+}
