@@ -51,6 +51,7 @@ fn rollout() -> Rollout {
         min_healthy_time: Duration::from_secs(10),
         healthy_deadline: Duration::from_secs(300),
         canary_instances: None,
+        preview_listen: None,
     }
 }
 
@@ -81,6 +82,7 @@ fn spec(i: usize, image_generation: u32) -> ServiceSpec {
             unhealthy_threshold: 3,
         }),
         rollout: rollout(),
+        notify: Vec::new(),
     }
 }
 
@@ -113,6 +115,7 @@ fn applied(spec: &ServiceSpec, i: usize) -> ServiceState {
             deployment_id: format!("00000000-0000-4000-8000-{:012}", i * 10 + n as usize),
             created_at: "2026-01-01T00:00:00Z".to_owned(),
             actor: "bench@host".to_owned(),
+            rollback_of: None,
             status: if n == 3 {
                 ReleaseStatus::Active
             } else {

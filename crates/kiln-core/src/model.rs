@@ -26,6 +26,9 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// Balancers by name.
     pub balancers: BTreeMap<String, Balancer>,
+    /// Top-level `notify` blocks: webhooks that receive the events of every service.
+    #[serde(default)]
+    pub notify: Vec<Notify>,
 }
 
 /// A declared input variable.
@@ -223,8 +226,18 @@ pub struct Service {
     pub health: Option<Health>,
     /// How new releases replace old ones.
     pub rollout: Rollout,
+    /// The service's own `notify` blocks (the top-level ones apply as well).
+    #[serde(default)]
+    pub notify: Vec<Notify>,
     /// Where the block starts.
     pub loc: Loc,
+}
+
+/// A `notify` block: where rollout events are posted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notify {
+    /// An `http://` URL that receives each event as a JSON `POST`.
+    pub webhook: String,
 }
 
 /// An HTTP health check.
@@ -285,6 +298,11 @@ pub struct Rollout {
     pub healthy_deadline: Duration,
     /// Instances of the canary release (default: as many as the service).
     pub canary_instances: Option<u32>,
+    /// Blue/green and canary: an address (`IP:port`, port 0 lets the system choose) where the
+    /// proxy serves only the new release while it is previewed. `None`: no such listener (the
+    /// `X-Kiln-Preview: 1` header and `kiln-preview=1` cookie work either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_listen: Option<String>,
 }
 
 /// One canary step.

@@ -62,6 +62,10 @@ pub struct ServiceSpec {
     pub health: Option<Health>,
     /// Rollout settings.
     pub rollout: Rollout,
+    /// Webhooks that receive the service's events: the top-level `notify` blocks, then the
+    /// service's own, without repeats. Not part of a release: changing them is an update.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -101,6 +105,9 @@ pub struct Release {
     pub actor: String,
     /// Where it stands.
     pub status: ReleaseStatus,
+    /// Made by `kiln rollback`: the earlier release whose image and config it runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<u32>,
 }
 
 /// Where a release stands.
@@ -184,6 +191,7 @@ pub fn desired(
                 env: s.env.clone(),
                 health: s.health.clone(),
                 rollout: s.rollout.clone(),
+                notify: webhooks(config, s),
             },
         );
     }
@@ -202,4 +210,15 @@ pub fn desired(
         })
         .collect();
     (services, balancers, missing)
+}
+
+/// The webhooks of `service`: the config's top-level ones first, then its own, each once.
+fn webhooks(config: &Config, service: &crate::model::Service) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for n in config.notify.iter().chain(&service.notify) {
+        if !out.contains(&n.webhook) {
+            out.push(n.webhook.clone());
+        }
+    }
+    out
 }

@@ -7,6 +7,7 @@
 //! | `POST /v1/apply` | [`ApplyRequest`] | [`ApplyResponse`] |
 //! | `GET /v1/events?after=N` | | `[Event]` |
 //! | `POST /v1/rollout` | [`RolloutCommand`] | `{}` once queued for the rollout |
+//! | `POST /v1/rollback` | [`RollbackRequest`] | [`RollbackResponse`] |
 //! | `POST /v1/shutdown` | [`ShutdownRequest`] | `{}`, then the server stops |
 //!
 //! Errors answer with a non-2xx status and an [`ApiError`] body.
@@ -100,6 +101,10 @@ pub struct ServiceStatus {
     pub instances: Vec<InstanceStatus>,
     /// Share of requests per release, in percent, as the proxy routes them now.
     pub traffic: BTreeMap<u32, f64>,
+    /// Where the rollout's `preview_listen` listener really listens while it previews the new
+    /// release (every request there is served by that release).
+    #[serde(default)]
+    pub preview: Option<String>,
 }
 
 /// A rollout in progress.
@@ -159,4 +164,24 @@ pub struct BalancerStatus {
     pub listen: String,
     /// Where it really listens (the configured port may be 0).
     pub bound: Option<String>,
+}
+
+/// Ask the server to roll a service back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// The service.
+    pub service: String,
+    /// The release to return to; the previous one when absent.
+    pub to: Option<u32>,
+    /// Who asks (`user@host`).
+    pub actor: String,
+}
+
+/// A rollback under way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackResponse {
+    /// The release that will serve: the warm one itself, or the new release repeating it.
+    pub release: u32,
+    /// True when the old release was still warm and only traffic moved.
+    pub warm: bool,
 }

@@ -77,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) world: tokio::sync::Mutex<World>,
     pub(crate) wake: Notify,
     pub(crate) started_at: SystemTime,
+    /// Posts the events of services with webhooks, in the background.
+    pub(crate) notifier: crate::notify::Notifier,
 }
 
 /// The engine's view of the world, guarded by one lock.
@@ -91,6 +93,9 @@ pub(crate) struct World {
     pub(crate) retiring: BTreeSet<String>,
     /// Where each balancer really listens.
     pub(crate) bound: BTreeMap<String, SocketAddr>,
+    /// Preview listeners by service: where each listens, or `None` when it could not bind
+    /// (reported once, tried again at the next preview).
+    pub(crate) previews: BTreeMap<String, Option<SocketAddr>>,
     /// Events to persist with the next write.
     pub(crate) events: Vec<NewEvent>,
     /// Whether `state` differs from what was last persisted.
@@ -149,6 +154,7 @@ impl Engine {
             backoff: BTreeMap::new(),
             retiring: BTreeSet::new(),
             bound: BTreeMap::new(),
+            previews: BTreeMap::new(),
             events: Vec::new(),
             dirty: false,
             marks: BTreeMap::new(),
@@ -166,6 +172,7 @@ impl Engine {
                 world: tokio::sync::Mutex::new(world),
                 wake: Notify::new(),
                 started_at: now,
+                notifier: crate::notify::Notifier::new(),
             }),
         })
     }
@@ -196,6 +203,10 @@ impl Engine {
         } else {
             db.append_events(&world.events, now)?;
         }
+        // Only queued here: delivery never holds up the caller.
+        self.shared
+            .notifier
+            .enqueue(&world.state, &world.events, now);
         world.events.clear();
         world.dirty = false;
         Ok(())
@@ -212,26 +223,13 @@ impl Engine {
         };
         check_plan(&req.plan, &world, &versions)?;
         let now = self.shared.clock.now();
-        if world.lock.is_none() {
-            let lease = self.shared.cfg.lock_lease;
-            let info = {
-                let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
-                db.lock(
-                    &LockRequest {
-                        operation: "apply".to_owned(),
-                        who: req.actor.clone(),
-                        info: format!("deploy {}", req.plan.config_hash),
-                        lease,
-                    },
-                    now,
-                )?
-            };
-            world.lock = Some(info);
-        } else if let Some(lock) = &world.lock {
-            return Err(Error::State(kiln_state::Error::Locked(Box::new(
-                lock.clone(),
-            ))));
-        }
+        self.take_lock(
+            &mut world,
+            "apply",
+            &req.actor,
+            format!("deploy {}", req.plan.config_hash),
+            now,
+        )?;
 
         let deployment_id = uuid::Uuid::new_v4().to_string();
         let mut releases = BTreeMap::new();
@@ -239,6 +237,7 @@ impl Engine {
             let actions: Vec<&str> = change.change.actions.iter().map(String::as_str).collect();
             match (change.kind.as_str(), actions.as_slice()) {
                 ("kiln_service", ["create"] | ["create", "delete"]) => {
+                    self.end_warm_period(&mut world, &change.name);
                     let spec = req.plan.services[&change.name].clone();
                     let number = new_release(&mut world, &spec, &req, &deployment_id, now);
                     releases.insert(change.name.clone(), number);
@@ -301,6 +300,79 @@ impl Engine {
         })
     }
 
+    /// Ends a promoted rollout's warm period early (a new deployment replaces it): the warm old
+    /// release is retired now and the journal closed.
+    pub(crate) fn end_warm_period(&self, world: &mut World, service: &str) {
+        let Some(journal) = world
+            .state
+            .services
+            .get(service)
+            .and_then(|s| s.rollout.clone())
+            .and_then(|j| serde_json::from_value::<rollout::Journal>(j).ok())
+            .filter(crate::reconcile::is_warm)
+        else {
+            return;
+        };
+        let Some(from) = journal.from else { return };
+        let warm: Vec<String> = world.state.services[service]
+            .instances
+            .iter()
+            .filter(|i| i.release == from)
+            .map(|i| i.id.clone())
+            .collect();
+        for id in &warm {
+            self.retire(world, service, id);
+        }
+        if let Some(s) = world.state.services.get_mut(service) {
+            s.rollout = None;
+            s.stable = Some(journal.to);
+            for r in &mut s.releases {
+                if r.number == from && r.status == ReleaseStatus::Warm {
+                    r.status = ReleaseStatus::Retired;
+                }
+                if r.number == journal.to && r.status == ReleaseStatus::Pending {
+                    r.status = ReleaseStatus::Active;
+                }
+            }
+        }
+        world.dirty = true;
+        world.event(
+            Some(service),
+            "rollout",
+            format!("v{from} retired early: a new deployment replaces the warm period"),
+        );
+    }
+
+    /// Takes the state lock for an operation that starts rollouts; refused while another
+    /// operation's rollout holds it.
+    pub(crate) fn take_lock(
+        &self,
+        world: &mut World,
+        operation: &str,
+        who: &str,
+        info: String,
+        now: SystemTime,
+    ) -> Result<()> {
+        if let Some(lock) = &world.lock {
+            return Err(Error::State(kiln_state::Error::Locked(Box::new(
+                lock.clone(),
+            ))));
+        }
+        let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = db.lock(
+            &LockRequest {
+                operation: operation.to_owned(),
+                who: who.to_owned(),
+                info,
+                lease: self.shared.cfg.lock_lease,
+            },
+            now,
+        )?;
+        drop(db);
+        world.lock = Some(lock);
+        Ok(())
+    }
+
     /// What runs now.
     pub async fn status(&self) -> api::Status {
         let world = self.shared.world.lock().await;
@@ -340,6 +412,60 @@ impl Engine {
     pub fn events(&self, after: u64) -> Result<Vec<kiln_state::Event>> {
         let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
         Ok(db.events(after, 1000)?)
+    }
+
+    /// Binds a service's `preview_listen` listener while its rollout previews a release
+    /// ([`crate::reconcile::preview_release`]) and closes it once the preview is over.
+    pub(crate) async fn sync_previews(&self, world: &mut World) {
+        let proxy = &self.shared.proxy;
+        let wanted: BTreeMap<String, (u32, String)> = world
+            .state
+            .services
+            .iter()
+            .filter_map(|(name, s)| {
+                let listen = s.spec.rollout.preview_listen.clone()?;
+                let journal =
+                    serde_json::from_value::<rollout::Journal>(s.rollout.clone()?).ok()?;
+                let release = crate::reconcile::preview_release(&journal)?;
+                Some((name.clone(), (release, listen)))
+            })
+            .collect();
+        let over: Vec<String> = world
+            .previews
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in over {
+            if let Some(Some(addr)) = world.previews.remove(&name) {
+                // In the background: preview requests in flight may finish in their own time.
+                let proxy = proxy.clone();
+                let balancer = preview_balancer(&name);
+                tokio::spawn(async move { proxy.unbind(&balancer).await });
+                let message = format!("preview listener http://{addr}/ closed");
+                world.event(Some(&name), "preview", message);
+            }
+        }
+        for (name, (release, listen)) in wanted {
+            if world.previews.contains_key(&name) {
+                continue;
+            }
+            let bound = match listen.parse::<SocketAddr>() {
+                Ok(addr) => proxy
+                    .bind_preview(&preview_balancer(&name), addr, &name)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(_) => Err(format!("bad preview_listen address `{listen}`")),
+            };
+            match &bound {
+                Ok(addr) => {
+                    let message = format!("preview of v{release} on http://{addr}/");
+                    world.event(Some(&name), "preview", message);
+                }
+                Err(e) => world.event(Some(&name), "error", format!("preview listener: {e}")),
+            }
+            world.previews.insert(name, bound.ok());
+        }
     }
 
     /// Binds listeners for new balancers, closes removed ones, and sets every route.
@@ -403,6 +529,12 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The proxy balancer that serves a service's preview listener (`preview:web`): a name no
+/// sensible `balancer` block takes.
+pub(crate) fn preview_balancer(service: &str) -> String {
+    format!("preview:{service}")
 }
 
 /// Operations that record what runs (instances started, drained, adopted) without changing
@@ -470,6 +602,7 @@ fn new_release(
         created_at: rfc3339(now),
         actor: req.actor.clone(),
         status: ReleaseStatus::Pending,
+        rollback_of: None,
     });
     service.spec = spec.clone();
     let from = service.stable;

@@ -11,9 +11,11 @@ pub mod client;
 mod engine;
 mod error;
 mod launch;
+mod notify;
 pub mod paths;
 mod reconcile;
 mod recover;
+mod rollback;
 pub mod rootfs;
 pub mod server;
 

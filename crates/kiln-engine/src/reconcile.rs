@@ -86,6 +86,7 @@ impl Engine {
         self.release_lock_if_idle(&mut world, now)?;
         self.persist(&mut world, "reconcile")?;
         self.sync_tables(&world);
+        self.sync_previews(&mut world).await;
         Ok(())
     }
 
@@ -197,7 +198,7 @@ impl Engine {
 
     /// Marks an instance retiring and, in the background, drains it and stops it; the record is
     /// removed once the process is gone.
-    fn retire(&self, world: &mut World, service: &str, id: &str) {
+    pub(crate) fn retire(&self, world: &mut World, service: &str, id: &str) {
         let Some(inst) = instance_mut(world, service, id) else {
             return;
         };
@@ -247,14 +248,16 @@ impl Engine {
     /// Gives every service's instances to the proxy: one pool per release, weighted by how many
     /// routable instances it has, so each routable instance gets an equal share — unless a
     /// canary or blue/green rollout has set the split ([`Journal::weights`]): then each pool
-    /// gets its release's share and a release not in the split gets none.
+    /// gets its release's share and a release not in the split gets none. While the rollout
+    /// previews its new release ([`preview_release`]), the proxy sends preview requests there.
     pub(crate) fn sync_tables(&self, world: &World) {
         for (name, s) in &world.state.services {
-            let split = s
+            let journal = s
                 .rollout
                 .clone()
-                .and_then(|j| serde_json::from_value::<Journal>(j).ok())
-                .and_then(|j| j.weights().cloned());
+                .and_then(|j| serde_json::from_value::<Journal>(j).ok());
+            let split = journal.as_ref().and_then(|j| j.weights().cloned());
+            let preview = journal.as_ref().and_then(preview_release);
             let mut pools: BTreeMap<u32, Pool> = BTreeMap::new();
             for inst in &s.instances {
                 if inst.handle.is_null() {
@@ -291,6 +294,7 @@ impl Engine {
                 ServiceTable {
                     pools: pools.into_values().collect(),
                     health,
+                    preview,
                 },
             );
         }
@@ -301,7 +305,14 @@ impl Engine {
         let Some(lock) = world.lock.clone() else {
             return Ok(());
         };
-        let busy = world.state.services.values().any(|s| s.rollout.is_some());
+        // A promoted rollout that only keeps the old release warm does not hold the lock: the
+        // deployment is done, and a new apply or rollback may start (see `Engine::apply`).
+        let busy = world.state.services.values().any(|s| {
+            s.rollout
+                .clone()
+                .and_then(|j| serde_json::from_value::<Journal>(j).ok())
+                .is_some_and(|j| !is_warm(&j))
+        });
         let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
         if busy {
             db.renew(&lock.id, self.shared.cfg.lock_lease, now)?;
@@ -360,6 +371,20 @@ fn decide(world: &mut World, name: &str, observed: &Observed, now_ms: u64) -> Ve
             };
             world.event(Some(name), "rollout", message);
         }
+        let mut actions = actions;
+        // A rollback that took over leaves the release it replaced marked as rolled back.
+        let rollback = world
+            .state
+            .services
+            .get(name)
+            .and_then(|s| s.releases.iter().find(|r| r.number == next.to))
+            .is_some_and(|r| r.rollback_of.is_some());
+        if rollback && let (Phase::Succeeded, Some(from)) = (&next.phase, next.from) {
+            actions.push(Action::MarkRelease {
+                release: from,
+                status: kiln_core::state::ReleaseStatus::RolledBack,
+            });
+        }
         return actions;
     }
     let target = s.spec.instances;
@@ -404,6 +429,27 @@ fn forget_deleted(world: &mut World) {
         world.dirty = true;
         world.event(Some(&name), "deleted", "service removed".to_owned());
     }
+}
+
+/// Whether a journal only keeps the old release warm after a promotion.
+pub(crate) fn is_warm(journal: &Journal) -> bool {
+    journal
+        .progressive
+        .as_ref()
+        .is_some_and(|p| matches!(p.stage, Stage::Warm { .. }))
+}
+
+/// The release a rollout previews: its new release (`to`) while a blue/green rollout brings it
+/// up or waits for promotion, and while a canary brings it up, holds at a step or scales it up
+/// — everything before promotion. `None` for rolling updates, once promoted (warm), and while
+/// aborting: then preview requests follow the weights like the others.
+pub(crate) fn preview_release(journal: &Journal) -> Option<u32> {
+    let p = journal.progressive.as_ref()?;
+    let before_promotion = matches!(
+        p.stage,
+        Stage::BringUp { .. } | Stage::Preview { .. } | Stage::Step { .. } | Stage::ScaleUp { .. }
+    );
+    (journal.phase == Phase::Rolling && before_promotion).then_some(journal.to)
 }
 
 fn health_check(h: &kiln_core::model::Health) -> HealthCheck {
@@ -530,8 +576,15 @@ pub(crate) fn service_status(
                 .map(|e| e.message.clone())
                 .collect(),
         });
+    let preview = snapshot
+        .balancers
+        .iter()
+        .find(|b| b.name == crate::engine::preview_balancer(name))
+        .and_then(|b| b.addr)
+        .map(|a| a.to_string());
     api::ServiceStatus {
         name: name.to_owned(),
+        preview,
         stable: s.stable,
         target: s.spec.instances,
         rollout,

@@ -21,12 +21,19 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// The release that served a response, for clients, tests and debugging a canary.
 pub const X_KILN_RELEASE: HeaderName = HeaderName::from_static("x-kiln-release");
+/// `X-Kiln-Preview: 1` asks for the service's preview release (as does a `kiln-preview=1`
+/// cookie); see [`crate::ServiceTable::preview`].
+pub const X_KILN_PREVIEW: HeaderName = HeaderName::from_static("x-kiln-preview");
+/// The cookie that asks for the preview release, as it appears in a `Cookie` header.
+const PREVIEW_COOKIE: &[u8] = b"kiln-preview=1";
 
 /// What one accepted connection needs for each of its requests, behind one `Arc`.
 #[derive(Debug)]
 pub(crate) struct ConnCtx {
     pub(crate) inner: Arc<Inner>,
     pub(crate) balancer: Arc<BalancerState>,
+    /// The listener is in preview mode: every request goes to the preview release.
+    pub(crate) preview: bool,
     /// The peer's address, formatted once per connection for `X-Forwarded-For`.
     pub(crate) client_ip: HeaderValue,
 }
@@ -51,13 +58,16 @@ pub(crate) async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<Pr
         return no_backend(service_name);
     };
     let table = service.table();
+    // The headers are only looked at when the service has a preview: the common case pays one
+    // branch.
+    let preview = ctx.preview || (table.preview.is_some() && wants_preview(&parts.headers));
     prepare_request(&mut parts, &ctx.client_ip);
     let mut req = Request::from_parts(parts, body);
     let config = &ctx.inner.config;
 
     let mut failed: Option<(&PoolState, Arc<Backend>)> = None;
     for _attempt in 0..2 {
-        let Some((pool, guard)) = table.pick(failed.as_ref().map(|(_, b)| &**b)) else {
+        let Some((pool, guard)) = table.pick(failed.as_ref().map(|(_, b)| &**b), preview) else {
             break;
         };
         match send(&guard.0, req, config).await {
@@ -89,8 +99,29 @@ pub(crate) async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<Pr
                 Some(pool),
             )
         }
+        None if preview => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from(format!(
+                "no healthy backend for the preview of service {service_name}\n"
+            )),
+            None,
+        ),
         None => no_backend(service_name),
     }
+}
+
+/// Whether a request asks for the preview release: `X-Kiln-Preview: 1`, or a `kiln-preview=1`
+/// cookie in any `Cookie` header (HTTP/2 clients may send one header per cookie).
+fn wants_preview(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(X_KILN_PREVIEW)
+        .iter()
+        .any(|v| v.as_bytes().trim_ascii() == b"1")
+        || headers.get_all(header::COOKIE).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b';')
+                .any(|c| c.trim_ascii() == PREVIEW_COOKIE)
+        })
 }
 
 fn respond(
@@ -338,5 +369,35 @@ impl Drop for ProxyBody {
                 guard.0.checkin(tx);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asks(pairs: &[(&str, &str)]) -> bool {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        wants_preview(&h)
+    }
+
+    #[test]
+    fn preview_is_asked_by_header_or_cookie_only_with_value_1() {
+        assert!(asks(&[("x-kiln-preview", "1")]));
+        assert!(asks(&[("x-kiln-preview", " 1 ")]));
+        assert!(!asks(&[("x-kiln-preview", "0")]));
+        assert!(!asks(&[("x-kiln-preview", "true")]));
+        assert!(asks(&[("cookie", "kiln-preview=1")]));
+        assert!(asks(&[("cookie", "a=b; kiln-preview=1; c=d")]));
+        assert!(asks(&[("cookie", "a=b"), ("cookie", "kiln-preview=1")]));
+        assert!(!asks(&[("cookie", "kiln-preview=0; xkiln-preview=1")]));
+        assert!(!asks(&[("cookie", "kiln-preview=10")]));
+        assert!(!asks(&[]));
     }
 }

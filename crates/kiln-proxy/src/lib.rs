@@ -34,6 +34,8 @@
 //!                 id: "web-2-a".into(), addr: "127.0.0.1:9002".parse()?, routable: true }], health: None },
 //!         ],
 //!         health: None,
+//!         // No preview: `X-Kiln-Preview` requests follow the weights like the others.
+//!         preview: None,
 //!     });
 //!     proxy.set_routes("public", vec![RouteTarget {
 //!         host: None, path_prefix: "/".into(), service: "web".into() }]);
@@ -64,7 +66,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 pub use error::ProxyError;
-pub use forward::{ProxyBody, X_KILN_RELEASE};
+pub use forward::{ProxyBody, X_KILN_PREVIEW, X_KILN_RELEASE};
 pub use metrics::{BUCKETS, LatencyHistogram, ReleaseMetrics, bucket_upper_micros};
 pub use model::{
     BackendHealth, BackendSnapshot, BackendSpec, BalancerSnapshot, DrainOutcome, HealthCheck, Pool,
@@ -139,8 +141,34 @@ impl Proxy {
     pub async fn bind(&self, balancer: &str, addr: SocketAddr) -> Result<SocketAddr, ProxyError> {
         self.inner
             .balancer(balancer)
-            .bind(&self.inner, balancer, addr)
+            .bind(&self.inner, balancer, addr, false)
             .await
+    }
+
+    /// Starts listening for balancer `balancer` in **preview mode**: every request it accepts
+    /// goes to `service` and is served by the service's preview release
+    /// ([`ServiceTable::preview`]), whatever its headers and the weights; with no preview set,
+    /// or no backend of it able to serve, the answer is a 503. Returns the bound address.
+    /// [`Proxy::unbind`] stops it like any balancer.
+    pub async fn bind_preview(
+        &self,
+        balancer: &str,
+        addr: SocketAddr,
+        service: &str,
+    ) -> Result<SocketAddr, ProxyError> {
+        let state = self.inner.balancer(balancer);
+        if let Some(addr) = state.addr() {
+            return Err(ProxyError::AlreadyBound {
+                name: balancer.to_owned(),
+                addr,
+            });
+        }
+        state.set_routes(Routes::new(vec![RouteTarget {
+            host: None,
+            path_prefix: "/".to_owned(),
+            service: service.to_owned(),
+        }]));
+        state.bind(&self.inner, balancer, addr, true).await
     }
 
     /// Stops accepting connections for `balancer` and waits (up to the drain timeout) for the
@@ -176,6 +204,7 @@ impl Proxy {
                 .entry(service.to_owned())
                 .or_insert_with(|| Arc::new(Service::new())),
         );
+        let preview = table.preview;
         let mut pools = Vec::with_capacity(table.pools.len());
         for pool in table.pools {
             let health = pool.health.as_ref().or(table.health.as_ref());
@@ -217,7 +246,7 @@ impl Proxy {
                 members,
             ));
         }
-        let old = svc.swap(Table::new(pools));
+        let old = svc.swap(Table::new(pools, preview));
         let current = svc.table();
         for b in old.backends() {
             if !current.backends().any(|n| Arc::ptr_eq(n, b)) {
@@ -294,6 +323,7 @@ impl Proxy {
                 name: name.clone(),
                 addr: b.addr(),
                 routes: b.routes().targets().to_vec(),
+                preview: b.preview(),
             })
             .collect();
         let services: Vec<(String, Arc<Service>)> = self
@@ -306,29 +336,32 @@ impl Proxy {
             .collect();
         let mut services: Vec<ServiceSnapshot> = services
             .into_iter()
-            .map(|(name, svc)| ServiceSnapshot {
-                name,
-                pools: svc
-                    .table()
-                    .pools
-                    .iter()
-                    .map(|p| PoolSnapshot {
-                        release: p.release,
-                        weight: p.weight,
-                        backends: p
-                            .members
-                            .iter()
-                            .map(|m| BackendSnapshot {
-                                id: m.backend.id.clone(),
-                                addr: m.backend.addr,
-                                routable: m.routable,
-                                healthy: m.backend.healthy(),
-                                draining: m.backend.draining(),
-                                in_flight: m.backend.in_flight(),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
+            .map(|(name, svc)| {
+                let table = svc.table();
+                ServiceSnapshot {
+                    name,
+                    preview: table.preview,
+                    pools: table
+                        .pools
+                        .iter()
+                        .map(|p| PoolSnapshot {
+                            release: p.release,
+                            weight: p.weight,
+                            backends: p
+                                .members
+                                .iter()
+                                .map(|m| BackendSnapshot {
+                                    id: m.backend.id.clone(),
+                                    addr: m.backend.addr,
+                                    routable: m.routable,
+                                    healthy: m.backend.healthy(),
+                                    draining: m.backend.draining(),
+                                    in_flight: m.backend.in_flight(),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                }
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));

@@ -29,6 +29,8 @@ pub(crate) struct BalancerState {
 #[derive(Debug)]
 struct Listener {
     addr: SocketAddr,
+    /// Bound by `bind_preview`: every request is a preview request.
+    preview: bool,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -46,11 +48,17 @@ impl BalancerState {
         lock(&self.listener).as_ref().map(|l| l.addr)
     }
 
+    /// Whether the listener, if bound, is in preview mode.
+    pub(crate) fn preview(&self) -> bool {
+        lock(&self.listener).as_ref().is_some_and(|l| l.preview)
+    }
+
     pub(crate) async fn bind(
         self: &Arc<Self>,
         inner: &Arc<Inner>,
         name: &str,
         addr: SocketAddr,
+        preview: bool,
     ) -> Result<SocketAddr, ProxyError> {
         if let Some(addr) = self.addr() {
             return Err(ProxyError::AlreadyBound {
@@ -77,6 +85,7 @@ impl BalancerState {
             Arc::clone(self),
             stopped,
             inner.config.drain_timeout,
+            preview,
         ));
         let mut slot = lock(&self.listener);
         if let Some(existing) = slot.as_ref() {
@@ -89,10 +98,11 @@ impl BalancerState {
         }
         *slot = Some(Listener {
             addr: bound,
+            preview,
             stop,
             task,
         });
-        tracing::info!(balancer = name, addr = %bound, "balancer listening");
+        tracing::info!(balancer = name, addr = %bound, preview, "balancer listening");
         Ok(bound)
     }
 
@@ -111,6 +121,7 @@ async fn serve(
     balancer: Arc<BalancerState>,
     mut stopped: watch::Receiver<bool>,
     drain_timeout: Duration,
+    preview: bool,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A timer lets hyper enforce its header-read timeout on slow or idle clients.
@@ -135,6 +146,7 @@ async fn serve(
                 let ctx = Arc::new(ConnCtx {
                     inner: Arc::clone(&inner),
                     balancer: Arc::clone(&balancer),
+                    preview,
                     client_ip: HeaderValue::from_str(&peer.ip().to_string())
                         .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
                 });

@@ -44,6 +44,12 @@ pub struct ServiceTable {
     pub pools: Vec<Pool>,
     /// The active health check; `None` checks with a TCP connect every second.
     pub health: Option<HealthCheck>,
+    /// The release whose pool serves **preview** requests: those with `X-Kiln-Preview: 1` or a
+    /// `kiln-preview=1` cookie, and every request of a listener bound with
+    /// [`crate::Proxy::bind_preview`]. They go to its routable, healthy, not draining backends
+    /// whatever the weights (a weight of 0 included); other requests follow the weights. `None`
+    /// (no preview): the header and cookie are ignored.
+    pub preview: Option<u32>,
 }
 
 /// The instances of one release and the share of requests they get.
@@ -136,6 +142,8 @@ pub struct BalancerSnapshot {
     pub addr: Option<SocketAddr>,
     /// Its routes, in the order they are tried.
     pub routes: Vec<RouteTarget>,
+    /// Whether it is bound in preview mode ([`crate::Proxy::bind_preview`]).
+    pub preview: bool,
 }
 
 /// One service.
@@ -145,6 +153,8 @@ pub struct ServiceSnapshot {
     pub name: String,
     /// Its release pools.
     pub pools: Vec<PoolSnapshot>,
+    /// The release that serves preview requests, if any.
+    pub preview: Option<u32>,
 }
 
 /// One release pool.

@@ -50,6 +50,11 @@ impl Service {
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     pub(crate) pools: Vec<PoolState>,
+    /// The release that serves preview requests, if any.
+    pub(crate) preview: Option<u32>,
+    /// The index of its pool in `pools` (`None` without a preview, or while the release has
+    /// no pool yet).
+    preview_pool: Option<usize>,
     /// Smooth weighted round-robin state: one "current weight" per pool.
     cursor: Mutex<Vec<i64>>,
 }
@@ -114,9 +119,19 @@ impl PoolState {
 }
 
 impl Table {
-    pub(crate) fn new(pools: Vec<PoolState>) -> Self {
+    pub(crate) fn new(pools: Vec<PoolState>, preview: Option<u32>) -> Self {
         let cursor = Mutex::new(vec![0; pools.len()]);
-        Self { pools, cursor }
+        Self::with_cursor(pools, preview, cursor)
+    }
+
+    fn with_cursor(pools: Vec<PoolState>, preview: Option<u32>, cursor: Mutex<Vec<i64>>) -> Self {
+        let preview_pool = preview.and_then(|r| pools.iter().position(|p| p.release == r));
+        Self {
+            pools,
+            preview,
+            preview_pool,
+            cursor,
+        }
     }
 
     /// The same pools without backend `id`, keeping the balancing cursors so shares stay exact.
@@ -135,7 +150,7 @@ impl Table {
             })
             .collect();
         let cursor = Mutex::new(lock(&self.cursor).clone());
-        Self { pools, cursor }
+        Self::with_cursor(pools, self.preview, cursor)
     }
 
     pub(crate) fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
@@ -144,12 +159,22 @@ impl Table {
             .flat_map(|p| p.members.iter().map(|m| &m.backend))
     }
 
-    /// Picks a pool by weight, then a backend in it, and counts the request as in flight there.
-    /// `exclude` is the backend a retry must avoid.
-    pub(crate) fn pick(&self, exclude: Option<&Backend>) -> Option<(&PoolState, InFlight)> {
+    /// Picks a pool by weight (or, for a `preview` request, the preview release's pool whatever
+    /// its weight), then a backend in it, and counts the request as in flight there. `exclude`
+    /// is the backend a retry must avoid. A preview request without a preview pool gets `None`.
+    pub(crate) fn pick(
+        &self,
+        exclude: Option<&Backend>,
+        preview: bool,
+    ) -> Option<(&PoolState, InFlight)> {
         // A backend can start draining between the pick and `enter`; try again a few times.
         for _ in 0..4 {
-            let pool = &self.pools[self.pick_pool(exclude)?];
+            let index = if preview {
+                self.preview_pool?
+            } else {
+                self.pick_pool(exclude)?
+            };
+            let pool = &self.pools[index];
             let backend = pool.pick(exclude)?;
             if let Some(guard) = backend.enter() {
                 return Some((pool, guard));

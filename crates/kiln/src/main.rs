@@ -42,6 +42,8 @@ enum Command {
     /// Watch and steer the rollout in progress: status, promote, abort, pause, resume.
     #[command(subcommand)]
     Rollout(cmd::rollout::Command),
+    /// Go back to the previous release, or any release the state keeps.
+    Rollback(cmd::rollout::RollbackArgs),
     /// List a service's releases.
     Releases(cmd::inspect::ReleasesArgs),
     /// Print instance logs.
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Server => cmd::server::run(&cli.global),
         Command::Status(args) => cmd::inspect::status(&cli.global, &args),
         Command::Rollout(command) => cmd::rollout::run(&cli.global, command),
+        Command::Rollback(args) => cmd::rollout::rollback(&cli.global, &args),
         Command::Releases(args) => cmd::inspect::releases(&cli.global, &args),
         Command::Logs(args) => cmd::inspect::logs(&cli.global, &args),
         Command::State(command) => cmd::inspect::state(&cli.global, command),

@@ -13,6 +13,7 @@ mod body;
 mod eval;
 mod graph;
 mod image;
+mod notify;
 mod service;
 #[cfg(test)]
 mod tests;
@@ -59,7 +60,7 @@ pub fn load(source: &Source, overrides: &[VarOverride]) -> (Option<Config>, Vec<
 const TOP: Schema = Schema {
     what: "the top level",
     attrs: &["project"],
-    blocks: &["variable", "image", "service", "balancer"],
+    blocks: &["variable", "image", "service", "balancer", "notify"],
 };
 
 /// The names a config declares, known before any expression is evaluated so that references can
@@ -132,12 +133,14 @@ impl<'a> Loader<'a> {
             .map(|(name, block)| (name.clone(), self.service(name, block)))
             .collect();
         let balancers = self.balancers(&balancers);
+        let notify = self.notify_blocks(&top);
         Config {
             project,
             variables,
             images,
             services,
             balancers,
+            notify,
         }
     }
 

@@ -17,7 +17,7 @@ use crate::model::{Analysis, CanaryStep, Health, Rollout, Service, Strategy};
 const SERVICE: Schema = Schema {
     what: "service block",
     attrs: &["image", "instances", "port", "env"],
-    blocks: &["health", "rollout"],
+    blocks: &["health", "rollout", "notify"],
 };
 
 const HEALTH: Schema = Schema {
@@ -47,6 +47,7 @@ const ROLLOUT: Schema = Schema {
         "min_healthy_time",
         "healthy_deadline",
         "canary_instances",
+        "preview_listen",
     ],
     blocks: &["analysis"],
 };
@@ -86,6 +87,7 @@ impl Loader<'_> {
         let health = self.single_block(&fields, "health").map(|b| self.health(b));
         let rollout = self.single_block(&fields, "rollout");
         let rollout = self.rollout(rollout);
+        let notify = self.notify_blocks(&fields);
         Service {
             name: name.to_owned(),
             image: image.unwrap_or_default(),
@@ -94,6 +96,7 @@ impl Loader<'_> {
             env: env.unwrap_or_default(),
             health,
             rollout,
+            notify,
             loc: self.loc(span(&block.ident).start),
         }
     }
@@ -139,6 +142,7 @@ impl Loader<'_> {
             min_healthy_time: secs(10),
             healthy_deadline: secs(5 * 60),
             canary_instances: None,
+            preview_listen: None,
         };
         let Some(block) = block else {
             return rollout;
@@ -181,6 +185,9 @@ impl Loader<'_> {
             }
         }
         rollout.canary_instances = count(self, "canary_instances");
+        rollout.preview_listen = self
+            .get(f.attr("preview_listen"), Self::listen_addr)
+            .map(|a| a.to_string());
 
         let is_canary = rollout.strategy == Strategy::Canary;
         let steps_failed = steps_attr.is_some() && !steps_ok;
@@ -198,7 +205,27 @@ impl Loader<'_> {
             let msg = "`steps` only apply to the canary strategy and are ignored here";
             self.report(Severity::Warning, span(&steps.key), msg, None);
         }
+        if rollout.strategy == Strategy::Rolling
+            && !strategy_failed
+            && let Some(attr) = f.attr("preview_listen")
+        {
+            let msg = "`preview_listen` only applies to the blue_green and canary strategies \
+                       and is ignored here";
+            self.report(Severity::Warning, span(&attr.key), msg, None);
+        }
         rollout
+    }
+
+    /// An `IP:port` address, as a balancer's `listen`.
+    fn listen_addr(&mut self, value: &Value, at: &At<'_>) -> Option<std::net::SocketAddr> {
+        let addr = match value {
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        };
+        if addr.is_none() {
+            self.mismatch(at, "an address such as \"127.0.0.1:8081\"", value);
+        }
+        addr
     }
 
     fn strategy(&mut self, value: &Value, at: &At<'_>) -> Option<Strategy> {

@@ -861,3 +861,149 @@ service "web" {
     assert!(!rollout.auto_rollback);
     assert_eq!(rollout.max_parallel, 3);
 }
+
+#[test]
+fn notify_blocks_at_the_top_and_in_services() {
+    let config = load_ok(
+        &format!(
+            "{WEB}notify {{ webhook = \"http://127.0.0.1:9000/all\" }}\nnotify {{ webhook = \"http://hooks.internal/ops\" }}\nservice \"web\" {{\n  image = image.web\n  port = 80\n  notify {{ webhook = \"http://localhost:8080/web?team=store\" }}\n}}\nservice \"api\" {{\n  image = image.web\n  port = 81\n}}\n"
+        ),
+        &[],
+    );
+    let hooks = |n: &[crate::model::Notify]| -> Vec<String> {
+        n.iter().map(|n| n.webhook.clone()).collect()
+    };
+    assert_eq!(
+        hooks(&config.notify),
+        ["http://127.0.0.1:9000/all", "http://hooks.internal/ops"]
+    );
+    assert_eq!(
+        hooks(&config.services["web"].notify),
+        ["http://localhost:8080/web?team=store"]
+    );
+    assert!(config.services["api"].notify.is_empty());
+
+    // The desired spec has the top-level hooks then the service's own, each once.
+    let digests = std::collections::BTreeMap::from([("web".to_owned(), crate::Digest::of(b"w"))]);
+    let (specs, _, _) = crate::state::desired(&config, &digests);
+    assert_eq!(
+        specs["web"].notify,
+        [
+            "http://127.0.0.1:9000/all",
+            "http://hooks.internal/ops",
+            "http://localhost:8080/web?team=store"
+        ]
+    );
+    assert_eq!(
+        specs["api"].notify,
+        ["http://127.0.0.1:9000/all", "http://hooks.internal/ops"]
+    );
+}
+
+#[test]
+fn notify_webhooks_must_be_http_urls() {
+    check(
+        &format!(
+            "{WEB}notify {{ webhook = \"https://hooks.example.com/x\" }}\nnotify \"x\" {{}}\nservice \"web\" {{\n  image = image.web\n  port = 80\n  notify {{\n    webhook = \"hooks.example.com\"\n    url = \"http://a\"\n  }}\n  notify {{ webhook = \"http://host:99999/\" }}\n  notify {{ webhook = 42 }}\n}}\n"
+        ),
+        &[],
+        &expect![[r#"
+            kiln.hcl:3:20: error: webhook `https://hooks.example.com/x`: https is not supported yet
+              |
+            3 | notify { webhook = "https://hooks.example.com/x" }
+              |                    ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+              = help: kiln has no TLS client yet; use an http:// URL, for example a relay on localhost
+
+            kiln.hcl:4:1: error: missing required attribute `webhook` in notify block
+              |
+            4 | notify "x" {}
+              | ^^^^^^^^^^
+
+            kiln.hcl:4:8: error: `notify` block takes no labels
+              |
+            4 | notify "x" {}
+              |        ^^^
+
+            kiln.hcl:9:15: error: webhook `hooks.example.com` is not an http:// URL
+              |
+            9 |     webhook = "hooks.example.com"
+              |               ^^^^^^^^^^^^^^^^^^^
+              = help: write it as "http://host:port/path"
+
+            kiln.hcl:10:5: error: unknown attribute `url` in notify block
+               |
+            10 |     url = "http://a"
+               |     ^^^
+              = help: expected one of `webhook`
+
+            kiln.hcl:12:22: error: webhook `http://host:99999/` has a bad port `99999`
+               |
+            12 |   notify { webhook = "http://host:99999/" }
+               |                      ^^^^^^^^^^^^^^^^^^^^
+              = help: a port is a number from 1 to 65535
+
+            kiln.hcl:13:22: error: expected a string, found number 42
+               |
+            13 |   notify { webhook = 42 }
+               |                      ^^"#]],
+    );
+}
+
+#[test]
+fn preview_listen_is_a_socket_address() {
+    let service = |rollout: &str| {
+        format!(
+            "{WEB}service \"web\" {{\n  image = image.web\n  port = 80\n  rollout {{\n{rollout}\n  }}\n}}\n"
+        )
+    };
+    let config = load_ok(
+        &service("    strategy = \"blue_green\"\n    preview_listen = \"127.0.0.1:0\""),
+        &[],
+    );
+    assert_eq!(
+        config.services["web"].rollout.preview_listen.as_deref(),
+        Some("127.0.0.1:0")
+    );
+    let plain = load_ok(&service("    strategy = \"blue_green\""), &[]);
+    assert_eq!(plain.services["web"].rollout.preview_listen, None);
+    check(
+        &service(
+            "    strategy = \"canary\"\n    steps = [{ weight = 10 }]\n    preview_listen = \"localhost:8081\"",
+        ),
+        &[],
+        &expect![[r#"
+            kiln.hcl:9:22: error: expected an address such as "127.0.0.1:8081", found string "localhost:8081"
+              |
+            9 |     preview_listen = "localhost:8081"
+              |                      ^^^^^^^^^^^^^^^^"#]],
+    );
+    check(
+        &service("    preview_listen = 8081\n    preview_listn = \"x\""),
+        &[],
+        &expect![[r#"
+            kiln.hcl:7:5: warning: `preview_listen` only applies to the blue_green and canary strategies and is ignored here
+              |
+            7 |     preview_listen = 8081
+              |     ^^^^^^^^^^^^^^
+
+            kiln.hcl:7:22: error: expected an address such as "127.0.0.1:8081", found number 8081
+              |
+            7 |     preview_listen = 8081
+              |                      ^^^^
+
+            kiln.hcl:8:5: error: unknown attribute `preview_listn` in rollout block
+              |
+            8 |     preview_listn = "x"
+              |     ^^^^^^^^^^^^^
+              = help: did you mean `preview_listen`?"#]],
+    );
+    check(
+        &service("    preview_listen = \"[::1]:8081\""),
+        &[],
+        &expect![[r#"
+            kiln.hcl:7:5: warning: `preview_listen` only applies to the blue_green and canary strategies and is ignored here
+              |
+            7 |     preview_listen = "[::1]:8081"
+              |     ^^^^^^^^^^^^^^"#]],
+    );
+}

@@ -229,7 +229,7 @@ pub fn plan(
 
 /// The `before`/`after` object of a service: the fields a reviewer or a policy cares about.
 fn service_json(spec: &ServiceSpec) -> Value {
-    json!({
+    let mut value = json!({
         "image": spec.image,
         "image_digest": spec.image_digest,
         "instances": spec.instances,
@@ -237,7 +237,12 @@ fn service_json(spec: &ServiceSpec) -> Value {
         "env": spec.env,
         "health": spec.health,
         "rollout": spec.rollout,
-    })
+    });
+    // Only when set, so that plans of services without webhooks read as before.
+    if let (Some(fields), false) = (value.as_object_mut(), spec.notify.is_empty()) {
+        fields.insert("notify".to_owned(), json!(spec.notify));
+    }
+    value
 }
 
 fn balancer_json(spec: &BalancerSpec) -> Value {
@@ -314,6 +319,9 @@ fn update_causes(want: &ServiceSpec, have: &ServiceSpec) -> Vec<String> {
     }
     if want.rollout != have.rollout {
         causes.push("rollout settings changed".to_owned());
+    }
+    if want.notify != have.notify {
+        causes.push("notifications changed".to_owned());
     }
     // The same digest under another image name runs the same bytes: only the record changes.
     if want.image != have.image && want.image_digest == have.image_digest {

@@ -26,6 +26,7 @@ fn rollout() -> Rollout {
         min_healthy_time: Duration::from_secs(10),
         healthy_deadline: Duration::from_secs(300),
         canary_instances: None,
+        preview_listen: None,
     }
 }
 
@@ -45,6 +46,7 @@ fn web() -> ServiceSpec {
             unhealthy_threshold: 3,
         }),
         rollout: rollout(),
+        notify: Vec::new(),
     }
 }
 
@@ -75,6 +77,7 @@ fn applied(spec: &ServiceSpec, number: u32) -> ServiceState {
             deployment_id: format!("d{n}"),
             created_at: "2026-01-01T00:00:00Z".into(),
             actor: "test@host".into(),
+            rollback_of: None,
             status: if n == number {
                 ReleaseStatus::Active
             } else {
@@ -518,6 +521,26 @@ fn health_and_rollout_settings_are_updates() {
         Plan: 0 to create, 0 to replace, 1 to update, 0 to delete.
     "#]]
     .assert_eq(&plan.render());
+}
+
+#[test]
+fn webhooks_are_an_update_not_a_new_release() {
+    let state = state_with(&[(web(), 1)], &[]);
+    let mut next = web();
+    next.notify = vec!["http://127.0.0.1:9000/hook".into()];
+    let plan = make(std::slice::from_ref(&next), &[], &state);
+    assert!(plan.resource_changes[0].rollout.is_none());
+    expect![[r#"
+          # service.web will be updated: notifications changed
+          ~ service "web"
+              + notify[0]: "http://127.0.0.1:9000/hook"
+
+        Plan: 0 to create, 0 to replace, 1 to update, 0 to delete.
+    "#]]
+    .assert_eq(&plan.render());
+    // Once applied, the same config plans as no change.
+    let state = state_with(&[(next.clone(), 1)], &[]);
+    assert!(!make(&[next], &[], &state).has_changes());
 }
 
 #[test]

@@ -29,7 +29,9 @@ pub(super) fn spec(instances: u32, max_parallel: u32) -> ServiceSpec {
             min_healthy_time: Duration::from_secs(10),
             healthy_deadline: Duration::from_secs(300),
             canary_instances: None,
+            preview_listen: None,
         },
+        notify: Vec::new(),
     }
 }
 

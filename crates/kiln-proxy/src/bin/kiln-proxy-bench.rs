@@ -79,6 +79,7 @@ async fn run(
                 health: None,
             }],
             health: None,
+            preview: None,
         },
     );
     proxy.set_routes(

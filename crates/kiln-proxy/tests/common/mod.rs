@@ -258,7 +258,11 @@ pub fn fast_check(healthy_threshold: u32, unhealthy_threshold: u32) -> Option<He
 }
 
 pub fn table(pools: Vec<Pool>, health: Option<HealthCheck>) -> ServiceTable {
-    ServiceTable { pools, health }
+    ServiceTable {
+        pools,
+        health,
+        preview: None,
+    }
 }
 
 /// Polls `cond` every 10 ms for up to 10 s.

@@ -169,6 +169,9 @@ fn render_status(status: &Status) -> String {
                 r.to,
                 r.phase
             ));
+            if let Some(addr) = &s.preview {
+                out.push_str(&format!("  preview of v{}: http://{addr}/\n", r.to));
+            }
             for line in &r.log {
                 out.push_str(&format!("    {line}\n"));
             }

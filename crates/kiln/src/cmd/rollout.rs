@@ -109,3 +109,54 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
     ));
     Ok(ExitCode::SUCCESS)
 }
+
+/// `kiln rollback` options.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// The service.
+    service: String,
+    /// The release to return to, e.g. `v3` or `3` (default: the one before the current).
+    #[arg(long, value_parser = parse_release)]
+    to: Option<u32>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    auto_approve: bool,
+}
+
+fn parse_release(s: &str) -> Result<u32, String> {
+    s.trim_start_matches('v')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a release: expected v3 or 3"))
+}
+
+/// `kiln rollback SERVICE [--to vN]`.
+pub fn rollback(global: &GlobalArgs, args: &RollbackArgs) -> Result<ExitCode> {
+    let what = args
+        .to
+        .map_or("the previous release".to_owned(), |v| format!("v{v}"));
+    confirm(
+        &format!("roll `{}` back to {what}", args.service),
+        args.auto_approve,
+    )?;
+    let client = Client::new(&paths(global).socket());
+    let resp: kiln_engine::api::RollbackResponse = runtime()?.block_on(client.post(
+        "/v1/rollback",
+        &kiln_engine::api::RollbackRequest {
+            service: args.service.clone(),
+            to: args.to,
+            actor: kiln_engine::actor(),
+        },
+    ))?;
+    if resp.warm {
+        ui::out(format!(
+            "{}: v{} was still warm; every request goes back to it now",
+            args.service, resp.release
+        ));
+    } else {
+        ui::out(format!(
+            "{}: rolling back as release v{}: launched from the stored image, switched once healthy (`kiln rollout status {}`)",
+            args.service, resp.release, args.service
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
