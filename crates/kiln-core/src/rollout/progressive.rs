@@ -17,8 +17,9 @@
 //!   instance gives it health checks and a place in the proxy but no requests.
 //! - **Steps** (canary). Each step sets `{from: 100 − w, to: w}` and holds. It is passed when
 //!   its pause is over (a step without a pause waits for [`Command::Promote`]) **and**, with
-//!   `analysis`, the latest verdict is a pass taken during the step. After the last step
-//!   `to` is scaled to full size at the last step's weight, then promoted.
+//!   `analysis`, the latest verdict is a pass taken during the step — after it began, so
+//!   never the pass that ended the step before, though both carry the same time. After the
+//!   last step `to` is scaled to full size at the last step's weight, then promoted.
 //! - **Preview** (blue/green). The new release serves no requests but its preview (the proxy's
 //!   concern); it is promoted on `auto_promote` or [`Command::Promote`], and with `analysis`
 //!   only after a passing verdict.
@@ -40,6 +41,10 @@
 //!   scale-up), counted from the stage's start; holding at a step or in preview is bounded by
 //!   the step's pause, by analysis and by the operator, not by the deadline (a step that
 //!   waits for a promote may wait a weekend).
+//! - **One call goes as far as it can.** A stage whose gate is already open when it is
+//!   entered (a step with a zero pause and no analysis, a preview promoted without analysis,
+//!   a zero `scale_down_delay`) is passed in the same call, so that the same observation fed
+//!   again decides nothing new (see the idempotency contract in [`super`]).
 //! - **Pause** stops steps, promotion and deadlines (instances still come up, and analysis
 //!   still runs: a failure still aborts); **resume** continues with the time spent paused
 //!   added to the stage's timers, and forgets the inconclusive streak.
@@ -304,6 +309,32 @@ impl Journal {
             }
         }
 
+        // Go as far as this observation allows: a stage whose gate is already open when it is
+        // entered (a step whose pause is zero, a preview promoted without analysis, a warm
+        // period of zero) is passed in the same call. Otherwise the next call would pass it
+        // even on the same observation, and decide then what this one should have (the
+        // scale-up's launches after the last step): the same observation twice must decide
+        // nothing new. Stages only move forward, so this ends.
+        loop {
+            let before = p.stage.clone();
+            self.advance(p, observed, now_ms, actions);
+            if p.stage == before {
+                return;
+            }
+            if let Stage::Warm { until_ms } = p.stage {
+                return self.warm(p, observed, until_ms, now_ms, actions);
+            }
+        }
+    }
+
+    /// Takes the current stage one move forward, if its gate is open.
+    fn advance(
+        &mut self,
+        p: &mut Progressive,
+        observed: &Observed,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
         match p.stage.clone() {
             Stage::BringUp { .. } => {
                 let want = match p.strategy {
@@ -355,16 +386,12 @@ impl Journal {
                             self.target
                         );
                         self.note(now_ms, msg);
-                        if self.bring_up(observed, self.target, now_ms, actions) {
-                            self.promote(p, now_ms, actions);
-                        }
                     }
                 }
             }
             Stage::Preview { since_ms } => {
                 let asked = p.approved || p.auto_promote;
-                let analysis_ok = p.analysis.as_ref().is_none_or(|a| a.passed_since(since_ms));
-                if p.paused.is_none() && asked && analysis_ok {
+                if p.paused.is_none() && asked && passed_during(p, since_ms) {
                     self.promote(p, now_ms, actions);
                 }
             }
@@ -451,8 +478,7 @@ impl Journal {
     fn step_passed(&self, p: &Progressive, index: usize, since_ms: u64, now_ms: u64) -> bool {
         let timer = p.steps.get(index).and_then(|s| s.pause).map(millis);
         let held = timer.is_some_and(|t| now_ms >= since_ms.saturating_add(t)) || p.approved;
-        let analysis_ok = p.analysis.as_ref().is_none_or(|a| a.passed_since(since_ms));
-        held && analysis_ok
+        held && passed_during(p, since_ms)
     }
 
     fn enter_step(
@@ -692,6 +718,20 @@ impl Journal {
             .count();
         count(serving) >= want
     }
+}
+
+/// Whether the analysis gate of a stage that began at `since_ms` is open: no analysis, or the
+/// latest verdict is a pass taken *during* the stage.
+///
+/// A verdict taken at `since_ms` itself is not: [`Journal::progress`] judges a due window
+/// before it moves between stages, so a verdict with the stage's own timestamp was taken by
+/// the stage before (typically the very pass that ended it) and judged the previous split.
+/// Counting it would let a canary step pass on its predecessor's verdict, on the next call
+/// or even on the same observation fed again.
+fn passed_during(p: &Progressive, since_ms: u64) -> bool {
+    p.analysis
+        .as_ref()
+        .is_none_or(|a| a.passed_since(since_ms.saturating_add(1)))
 }
 
 /// A verdict with the window it judged, for the journal.

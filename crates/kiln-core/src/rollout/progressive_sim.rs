@@ -308,6 +308,8 @@ fn run(sc: &Scenario) -> Result<Run, TestCaseError> {
                     .all(|a| !matches!(a, Action::Launch { .. } | Action::Route { .. })),
                 "repeated step launched or routed again: {more:?}"
             );
+            // The first call went as far as the observation allows.
+            prop_assert!(more.is_empty(), "repeated step decided more: {more:?}");
             next = again;
             actions.extend(more);
         }
@@ -375,8 +377,10 @@ fn run(sc: &Scenario) -> Result<Run, TestCaseError> {
                     "raised to {}% without a pass",
                     w
                 );
+                // Taken after the split it lifts was set: a verdict from the split's own
+                // millisecond was judged before it, on the split before.
                 prop_assert!(
-                    m.at_ms >= weights_at.unwrap_or(0),
+                    m.at_ms > weights_at.unwrap_or(0),
                     "the pass predates the split"
                 );
                 // The pass is real: the window judged is the one fed then, and it passes.

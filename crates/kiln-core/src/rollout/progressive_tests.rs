@@ -87,8 +87,7 @@ fn canary_with_analysis_records_every_verdict_and_waits_for_a_pass() {
         0s    weights v1=100 v2=0, launch v2-1, launch v2-2
         13s   route v2-1, route v2-2
         14s   weights v1=80 v2=20
-        29s   weights v1=0 v2=100, stable v2, v2 active, v1 warm
-        30s   retire v1-1, retire v1-2, v1 retired
+        29s   weights v1=0 v2=100, stable v2, v2 active, v1 warm, retire v1-1, retire v1-2, v1 retired
     "#]]
     .assert_eq(&text);
     let verdicts: Vec<&str> = j
@@ -204,8 +203,8 @@ fn a_step_without_pause_waits_for_promote_and_inconclusive_pauses() {
         604s step 1 of 1 passed; scaling v2 to 1 instances
         604s traffic: v1 0%, v2 100%
         604s promoted: v2 takes every request; v1 stays warm for 0s
-        605s retire v1-1: v1 no longer needed warm
-        605s succeeded: v2 serves; v1 retired"#]]
+        604s retire v1-1: v1 no longer needed warm
+        604s succeeded: v2 serves; v1 retired"#]]
     .assert_eq(&lines.join("\n"));
 }
 
@@ -283,7 +282,7 @@ fn an_abort_while_v1_is_warm_is_an_instant_rollback() {
     expect![[r#"
         0s    weights v1=100 v2=0, launch v2-1, launch v2-2
         13s   route v2-1, route v2-2
-        15s   weights v1=0 v2=100, stable v2, v2 active, v1 warm
+        14s   weights v1=0 v2=100, stable v2, v2 active, v1 warm
         40s   weights v1=100 v2=0, stable v1, v1 active, v2 rolledback, retire v2-1, retire v2-2
     "#]]
     .assert_eq(&text);
@@ -445,4 +444,104 @@ fn progressive_journal_round_trips_and_tells_the_engine_the_split() {
             .unwrap()
             .contains("progressive")
     );
+}
+
+fn stage(j: &Journal) -> Stage {
+    j.progressive.as_ref().unwrap().stage.clone()
+}
+
+#[test]
+fn regression_the_pass_that_ends_one_step_does_not_also_pass_the_next() {
+    // Two steps without pauses, gated by analysis every 8 s: each needs a pass of its own.
+    // The pass judged at 22 s ends step 1, and step 2 begins in that same millisecond; it is
+    // still step 1's verdict, not one taken during step 2. Counting it for step 2 skipped
+    // step 2 on the very next call, even with the same observation fed again, which then
+    // launched the scale-up a second `step` must never issue.
+    let mut spec = canary_spec(2, &[(0, Some(0)), (0, Some(0))]);
+    spec.rollout.canary_instances = Some(1);
+    spec.rollout.analysis = Some(analysis(8, 0, 0));
+    spec.rollout.scale_down_delay = Duration::ZERO;
+    let mut world = World::new(1, 2, 0);
+    let mut j = start("d1", "web", Some(1), 2, &spec, T0);
+    let second = |j: &Journal| matches!(stage(j), Stage::Step { index: 1, .. });
+    let mut repeated = None;
+    for _ in 0..100 {
+        world.samples = samples(&j, Traffic::Good, world.now);
+        let observed = world.observe();
+        let (next, actions) = step(&j, &observed, world.now);
+        world.apply(&actions);
+        let entered = second(&next) && !second(&j);
+        j = next;
+        if entered {
+            repeated = Some(step(&j, &observed, world.now));
+            break;
+        }
+        world.advance(S);
+    }
+    let (again, more) = repeated.expect("step 2 began");
+    assert_eq!(more, [], "the same observation again decides nothing new");
+    assert_eq!(stage(&again), stage(&j), "still in step 2");
+
+    // Without a repeat too, step 2 holds until its own window is judged, 8 s after it began.
+    let (j, text) = drive(again, &mut world, S, 1_000, &good);
+    assert_eq!(j.phase, Phase::Succeeded);
+    expect![[r#"
+        30s   launch v2-2
+        43s   route v2-2
+        44s   weights v1=0 v2=100, stable v2, v2 active, v1 warm, retire v1-1, retire v1-2, v1 retired
+    "#]]
+    .assert_eq(&text);
+    // Step 1 passes on the window judged at 22 s; step 2 on its own, judged at 30 s.
+    let text = log(&j);
+    let gates: Vec<&str> = text
+        .lines()
+        .filter(|l| l[5..].starts_with("analysis") || l[5..].starts_with("step"))
+        .collect();
+    expect![[r#"
+        14s  step 1 of 2: 0% of requests to v2; hold for 0s and analysis passes
+        22s  analysis: pass (1000 requests, 0 errors, p99 90ms, stable 5000 requests, 5 errors)
+        22s  step 2 of 2: 0% of requests to v2; hold for 0s and analysis passes
+        30s  analysis: pass (1000 requests, 0 errors, p99 90ms, stable 5000 requests, 5 errors)
+        30s  step 2 of 2 passed; scaling v2 to 2 instances"#]]
+    .assert_eq(&gates.join("\n"));
+}
+
+#[test]
+fn regression_a_last_step_already_over_when_entered_scales_up_in_the_same_step() {
+    // Step 1 waits for a promote; step 2 holds for 0 s, so it is over the moment the promote
+    // enters it. It used to be passed only by the next call, which then launched the scale-up:
+    // on the same observation fed again, that is a second `step` deciding launches the first
+    // should have.
+    let mut spec = canary_spec(3, &[(0, None), (0, Some(0))]);
+    spec.rollout.canary_instances = Some(1);
+    let mut world = World::new(1, 3, 0);
+    let mut j = start("d1", "web", Some(1), 2, &spec, T0);
+    for _ in 0..20 {
+        let (next, actions) = step(&j, &world.observe(), world.now);
+        world.apply(&actions);
+        j = next;
+        world.advance(S);
+    }
+    assert!(matches!(stage(&j), Stage::Step { index: 0, .. }));
+    world.command = Some(OperatorCommand {
+        seq: 1,
+        command: Command::Promote,
+    });
+    let observed = world.observe();
+    let (j, actions) = step(&j, &observed, world.now);
+    assert_eq!(
+        actions,
+        [
+            Action::SetWeights {
+                weights: BTreeMap::from([(1, 100), (2, 0)])
+            },
+            Action::Launch { release: 2 },
+            Action::Launch { release: 2 },
+        ],
+        "step 2 entered and passed, the scale-up launched, in one call"
+    );
+    assert!(matches!(stage(&j), Stage::ScaleUp { .. }));
+    let (again, more) = step(&j, &observed, world.now);
+    assert_eq!(more, [], "the same observation again decides nothing new");
+    assert_eq!(again.ledger.in_flight(2), 2);
 }
