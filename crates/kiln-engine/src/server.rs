@@ -14,9 +14,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
-use crate::api::{ApiError, ApplyRequest, ShutdownRequest};
+use crate::api::{ApiError, ApplyRequest, RollbackRequest, RolloutCommand, ShutdownRequest};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use kiln_core::rollout::Command;
 
 /// Serves the control API on the project's socket and runs the reconcile loop until a shutdown
 /// request or SIGINT/SIGTERM. On a signal, instances keep running (the next server re-adopts
@@ -143,6 +144,20 @@ async fn route(
             },
             Err(e) => Err(e),
         },
+        (Method::POST, "/v1/rollout") => match body::<RolloutCommand>(req).await {
+            Ok(cmd) => match parse_command(&cmd.command) {
+                Ok(c) => engine
+                    .command(&cmd.service, c)
+                    .await
+                    .and_then(|()| json(&serde_json::json!({}))),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/v1/rollback") => match body::<RollbackRequest>(req).await {
+            Ok(rb) => engine.rollback(rb).await.and_then(|r| json(&r)),
+            Err(e) => Err(e),
+        },
         (Method::POST, "/v1/shutdown") => match body::<ShutdownRequest>(req).await {
             Ok(shutdown) => {
                 stop_instances.fetch_or(shutdown.stop_instances, Ordering::SeqCst);
@@ -156,6 +171,18 @@ async fn route(
     match result {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
+    }
+}
+
+fn parse_command(command: &str) -> Result<Command> {
+    match command {
+        "promote" => Ok(Command::Promote),
+        "abort" => Ok(Command::Abort),
+        "pause" => Ok(Command::Pause),
+        "resume" => Ok(Command::Resume),
+        other => Err(Error::NotFound(format!(
+            "unknown rollout command `{other}`: expected promote, abort, pause or resume"
+        ))),
     }
 }
 

@@ -227,7 +227,15 @@ async fn follow(client: &Client, resp: &ApplyResponse) -> Result<ExitCode> {
         after = last.id;
     }
     let mut failed = false;
+    let mut finished = false;
     loop {
+        // Status first, then events: a rollout that ends between the two calls still has its
+        // last events (and its verdict) read before the loop stops.
+        let status: Status = client.get("/v1/status").await?;
+        let busy = status
+            .services
+            .iter()
+            .any(|s| resp.releases.contains_key(&s.name) && s.rollout.is_some());
         let events: Vec<kiln_state::Event> =
             client.get(&format!("/v1/events?after={after}")).await?;
         for e in &events {
@@ -238,13 +246,13 @@ async fn follow(client: &Client, resp: &ApplyResponse) -> Result<ExitCode> {
                 failed = true;
             }
         }
-        let status: Status = client.get("/v1/status").await?;
-        let busy = status
-            .services
-            .iter()
-            .any(|s| resp.releases.contains_key(&s.name) && s.rollout.is_some());
-        if !busy {
+        if finished {
             break;
+        }
+        if !busy {
+            // One more round, so that events written as the rollout ended are shown too.
+            finished = true;
+            continue;
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
