@@ -273,6 +273,28 @@ impl LocalDriver {
                 return Err(e);
             }
         };
+        // A first record as soon as the process exists: if kiln is killed while the sandbox is
+        // still setting up, a restarted server finds the instance in the run records instead
+        // of leaving it running unknown. The init is looked up from the monitor when needed.
+        let provisional = Record {
+            version: record::VERSION,
+            id: spec.id.clone(),
+            service: spec.service.clone(),
+            release: spec.release,
+            port: spec.port,
+            program: spec.args[0].clone(),
+            rootfs: spec.rootfs.clone(),
+            log_path: spec.log_path.clone(),
+            sandbox: sandbox.kind(),
+            leader,
+            init: None,
+            started_at: humantime::format_rfc3339_seconds(self.clock.now()).to_string(),
+        };
+        if let Err(e) = provisional.write(&self.runtime_dir) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(rt(e));
+        }
         let init = match sandbox {
             Sandbox::Bubblewrap { .. } => match find_init(&mut child, leader) {
                 Ok(init) => init,
@@ -285,18 +307,8 @@ impl LocalDriver {
             Sandbox::Chroot { .. } => None,
         };
         let record = Record {
-            version: record::VERSION,
-            id: spec.id.clone(),
-            service: spec.service.clone(),
-            release: spec.release,
-            port: spec.port,
-            program: spec.args[0].clone(),
-            rootfs: spec.rootfs.clone(),
-            log_path: spec.log_path.clone(),
-            sandbox: sandbox.kind(),
-            leader,
             init,
-            started_at: humantime::format_rfc3339_seconds(self.clock.now()).to_string(),
+            ..provisional
         };
         if let Err(e) = record.write(&self.runtime_dir) {
             // No record, no instance: an untracked process would be an orphan.
@@ -362,7 +374,7 @@ fn init_of(leader: Proc) -> Option<NsInit> {
 
 /// Every running process of the instance except the namespace init: what gets SIGTERM.
 fn members(record: &Record) -> Vec<i32> {
-    match (&record.sandbox, &record.init) {
+    match (&record.sandbox, &resolved_init(record)) {
         (SandboxKind::Bubblewrap, Some(init)) if init.proc.alive() => {
             procfs::find(|pid, _| pid != init.proc.pid)
                 .into_iter()
@@ -375,6 +387,16 @@ fn members(record: &Record) -> Vec<i32> {
             .into_iter()
             .map(|(pid, _)| pid)
             .collect(),
+    }
+}
+
+/// The sandbox's namespace init: as recorded, or — for a record written before the init was
+/// seen (kiln may have been killed in between) — looked up now from bubblewrap's monitor.
+fn resolved_init(record: &Record) -> Option<NsInit> {
+    match (&record.sandbox, &record.init) {
+        (_, Some(init)) => Some(init.clone()),
+        (SandboxKind::Bubblewrap, None) => init_of(record.leader),
+        (SandboxKind::Chroot, None) => None,
     }
 }
 
@@ -393,7 +415,7 @@ fn kill_all(record: &Record, signal: Signal) -> nix::Result<()> {
             Err(e) => Err(e),
         },
         SandboxKind::Bubblewrap if signal == Signal::SIGKILL => {
-            if let Some(init) = record.init.as_ref().filter(|i| i.proc.alive()) {
+            if let Some(init) = resolved_init(record).filter(|i| i.proc.alive()) {
                 send(init.proc.pid)?;
             }
             if record.leader.alive() {
