@@ -47,9 +47,15 @@ impl Engine {
                 .iter()
                 .rev()
                 .find(|r| {
+                    // The release that served before: not one that never served or was itself
+                    // rolled back.
                     r.number < stable
-                        && r.status != ReleaseStatus::Failed
-                        && r.status != ReleaseStatus::Pending
+                        && !matches!(
+                            r.status,
+                            ReleaseStatus::Failed
+                                | ReleaseStatus::Pending
+                                | ReleaseStatus::RolledBack
+                        )
                 })
                 .ok_or_else(|| {
                     Error::NotFound(format!(

@@ -535,3 +535,51 @@ fn a_rollback_after_the_old_release_retired_relaunches_it_from_the_store_with_no
     assert_eq!(v3["rollback_of"], 1, "{json:#}");
     assert_eq!(v3["image_digest"], v1["image_digest"], "{json:#}");
 }
+
+/// `kiln rollback` without `--to` goes back to "the release that served before the current
+/// one" (docs/deploy.md). After a warm rollback from v2 to v1 and a new release v3, that is v1,
+/// still warm — not v2, which was itself rolled back.
+#[test]
+fn a_second_rollback_goes_back_to_the_release_that_served_before_not_to_one_rolled_back() {
+    let p = shop(
+        r#"
+    strategy         = "blue_green"
+    auto_promote     = true
+    scale_down_delay = "5m"
+"#,
+    );
+    let url = up(&p);
+    // Applies a new release and waits until it takes every request (the old one stays warm).
+    let promote = |greeting: &str, release: u32| {
+        p.kiln(&[
+            "apply",
+            "--auto-approve",
+            "--detach",
+            "-var",
+            &format!("greeting={greeting}"),
+        ])
+        .ok();
+        let mut last = serde_json::Value::Null;
+        let promoted = harness::wait_for(SLOW, || {
+            last = service(&p);
+            traffic(&last) == BTreeMap::from([(release, 100.0)])
+        });
+        assert!(promoted, "v{release} not promoted:\n{last:#}");
+    };
+    promote("two", 2);
+    let back = p.kiln(&["rollback", "web", "--auto-approve"]).ok();
+    assert!(back.stdout.contains("v1 was still warm"), "{}", back.stdout);
+    wait_settled_on(&p, 1);
+    assert_eq!(release_status(&p, "v2"), "rolled back");
+
+    promote("three", 3);
+    let back = p.kiln(&["rollback", "web", "--auto-approve"]).ok();
+    assert!(
+        back.stdout.contains("v1 was still warm"),
+        "rolled back to the wrong release:\n{}\n{:?}",
+        back.stdout,
+        releases(&p)
+    );
+    wait_settled_on(&p, 1);
+    assert_eq!(get(&url, false).release, "v1");
+}
