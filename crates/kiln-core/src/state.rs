@@ -40,7 +40,7 @@ pub struct ServiceState {
     /// Instances kiln started and has not yet seen stopped.
     pub instances: Vec<Instance>,
     /// The rollout in progress, if any (its journal).
-    pub rollout: Option<serde_json::Value>,
+    pub rollout: Option<crate::rollout::Journal>,
 }
 
 /// What a service should be, as the config says it (with images resolved to digests).

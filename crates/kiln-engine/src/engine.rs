@@ -308,7 +308,6 @@ impl Engine {
             .services
             .get(service)
             .and_then(|s| s.rollout.clone())
-            .and_then(|j| serde_json::from_value::<rollout::Journal>(j).ok())
             .filter(crate::reconcile::is_warm)
         else {
             return;
@@ -424,9 +423,7 @@ impl Engine {
             .iter()
             .filter_map(|(name, s)| {
                 let listen = s.spec.rollout.preview_listen.clone()?;
-                let journal =
-                    serde_json::from_value::<rollout::Journal>(s.rollout.clone()?).ok()?;
-                let release = crate::reconcile::preview_release(&journal)?;
+                let release = crate::reconcile::preview_release(s.rollout.as_ref()?)?;
                 Some((name.clone(), (release, listen)))
             })
             .collect();
@@ -607,7 +604,7 @@ fn new_release(
     service.spec = spec.clone();
     let from = service.stable;
     let journal = rollout::start(deployment_id, &spec.name, from, number, spec, ms(now));
-    service.rollout = Some(serde_json::to_value(&journal).unwrap_or(serde_json::Value::Null));
+    service.rollout = Some(journal);
     let message = match from {
         Some(f) => format!("release v{number} created; rolling out from v{f}"),
         None => format!("release v{number} created"),

@@ -33,7 +33,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use kiln_core::rollout::Journal;
 use kiln_core::state::{ServiceState, State};
 use kiln_state::NewEvent;
 use serde::Serialize;
@@ -252,10 +251,7 @@ impl Notifier {
 /// The release a rollout-related event is about: the one the rollout under way targets, else
 /// (the rollout has just ended) the newest release.
 fn rollout_release(service: &ServiceState) -> Option<(u32, String)> {
-    let journal = service
-        .rollout
-        .clone()
-        .and_then(|j| serde_json::from_value::<Journal>(j).ok());
+    let journal = service.rollout.clone();
     if let Some(j) = journal {
         return Some((j.to, j.deployment_id));
     }

@@ -49,8 +49,7 @@ impl Engine {
                 .state
                 .services
                 .get(&name)
-                .and_then(|s| s.rollout.clone())
-                .and_then(|j| serde_json::from_value::<Journal>(j).ok());
+                .and_then(|s| s.rollout.clone());
             if let Some(journal) = &journal {
                 observed.samples = self.samples(&mut world, &name, journal, ms(now));
                 observed.command = world.commands.get(&name).cloned();
@@ -61,9 +60,9 @@ impl Engine {
                 .state
                 .services
                 .get(&name)
-                .and_then(|s| s.rollout.clone())
-                .and_then(|j| serde_json::from_value::<Journal>(j).ok())
-                .and_then(|j| j.progressive.map(|p| p.last_command));
+                .and_then(|s| s.rollout.as_ref())
+                .and_then(|j| j.progressive.as_ref())
+                .map(|p| p.last_command);
             if let Some(cmd) = world.commands.get(&name)
                 && (journal.is_some() && (taken.is_none_or(|t| t >= cmd.seq)))
             {
@@ -252,12 +251,9 @@ impl Engine {
     /// previews its new release ([`preview_release`]), the proxy sends preview requests there.
     pub(crate) fn sync_tables(&self, world: &World) {
         for (name, s) in &world.state.services {
-            let journal = s
-                .rollout
-                .clone()
-                .and_then(|j| serde_json::from_value::<Journal>(j).ok());
-            let split = journal.as_ref().and_then(|j| j.weights().cloned());
-            let preview = journal.as_ref().and_then(preview_release);
+            let journal = s.rollout.as_ref();
+            let split = journal.and_then(|j| j.weights().cloned());
+            let preview = journal.and_then(preview_release);
             let mut pools: BTreeMap<u32, Pool> = BTreeMap::new();
             for inst in &s.instances {
                 if inst.handle.is_null() {
@@ -307,12 +303,11 @@ impl Engine {
         };
         // A promoted rollout that only keeps the old release warm does not hold the lock: the
         // deployment is done, and a new apply or rollback may start (see `Engine::apply`).
-        let busy = world.state.services.values().any(|s| {
-            s.rollout
-                .clone()
-                .and_then(|j| serde_json::from_value::<Journal>(j).ok())
-                .is_some_and(|j| !is_warm(&j))
-        });
+        let busy = world
+            .state
+            .services
+            .values()
+            .any(|s| s.rollout.as_ref().is_some_and(|j| !is_warm(j)));
         let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
         if busy {
             db.renew(&lock.id, self.shared.cfg.lock_lease, now)?;
@@ -330,11 +325,7 @@ fn decide(world: &mut World, name: &str, observed: &Observed, now_ms: u64) -> Ve
     let Some(s) = world.state.services.get(name) else {
         return Vec::new();
     };
-    if let Some(journal) = s
-        .rollout
-        .clone()
-        .and_then(|j| serde_json::from_value::<Journal>(j).ok())
-    {
+    if let Some(journal) = s.rollout.clone() {
         let (next, actions) = rollout::step(&journal, observed, now_ms);
         let finished = matches!(next.phase, Phase::Succeeded | Phase::Failed { .. });
         let new_entries: Vec<String> = next.log[journal.log.len().min(next.log.len())..]
@@ -343,11 +334,7 @@ fn decide(world: &mut World, name: &str, observed: &Observed, now_ms: u64) -> Ve
             .collect();
         if next != journal {
             let s = world.state.services.get_mut(name).expect("checked above");
-            s.rollout = if finished {
-                None
-            } else {
-                serde_json::to_value(&next).ok()
-            };
+            s.rollout = if finished { None } else { Some(next.clone()) };
             world.dirty = true;
         }
         for message in new_entries {
@@ -537,45 +524,41 @@ pub(crate) fn service_status(
             );
         }
     }
-    let rollout = s
-        .rollout
-        .clone()
-        .and_then(|j| serde_json::from_value::<Journal>(j).ok())
-        .map(|j| api::RolloutStatus {
-            deployment_id: j.deployment_id.clone(),
-            from: j.from,
-            to: j.to,
-            phase: match &j.phase {
-                Phase::Rolling => "rolling".to_owned(),
-                Phase::Reverting { reason, .. } => format!("reverting: {reason}"),
-                Phase::Succeeded => "succeeded".to_owned(),
-                Phase::Failed { reason, .. } => format!("failed: {reason}"),
-            },
-            stage: j.progressive.as_ref().map(|p| {
-                let stage = match &p.stage {
-                    Stage::BringUp { .. } => "bringing up the new release".to_owned(),
-                    Stage::Step { index, .. } => format!("step {} of {}", index + 1, p.steps.len()),
-                    Stage::Preview { .. } => "preview: waiting for promotion".to_owned(),
-                    Stage::ScaleUp { .. } => "scaling the new release up".to_owned(),
-                    Stage::Warm { .. } => "promoted; the old release stays warm".to_owned(),
-                    _ => "aborting".to_owned(),
-                };
-                if p.paused.is_some() {
-                    format!("{stage} (paused)")
-                } else {
-                    stage
-                }
-            }),
-            weights: j.weights().cloned().unwrap_or_default(),
-            log: j
-                .log
-                .iter()
-                .rev()
-                .take(20)
-                .rev()
-                .map(|e| e.message.clone())
-                .collect(),
-        });
+    let rollout = s.rollout.as_ref().map(|j| api::RolloutStatus {
+        deployment_id: j.deployment_id.clone(),
+        from: j.from,
+        to: j.to,
+        phase: match &j.phase {
+            Phase::Rolling => "rolling".to_owned(),
+            Phase::Reverting { reason, .. } => format!("reverting: {reason}"),
+            Phase::Succeeded => "succeeded".to_owned(),
+            Phase::Failed { reason, .. } => format!("failed: {reason}"),
+        },
+        stage: j.progressive.as_ref().map(|p| {
+            let stage = match &p.stage {
+                Stage::BringUp { .. } => "bringing up the new release".to_owned(),
+                Stage::Step { index, .. } => format!("step {} of {}", index + 1, p.steps.len()),
+                Stage::Preview { .. } => "preview: waiting for promotion".to_owned(),
+                Stage::ScaleUp { .. } => "scaling the new release up".to_owned(),
+                Stage::Warm { .. } => "promoted; the old release stays warm".to_owned(),
+                _ => "aborting".to_owned(),
+            };
+            if p.paused.is_some() {
+                format!("{stage} (paused)")
+            } else {
+                stage
+            }
+        }),
+        weights: j.weights().cloned().unwrap_or_default(),
+        log: j
+            .log
+            .iter()
+            .rev()
+            .take(20)
+            .rev()
+            .map(|e| e.message.clone())
+            .collect(),
+    });
     let preview = snapshot
         .balancers
         .iter()

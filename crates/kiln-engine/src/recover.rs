@@ -74,13 +74,9 @@ impl Engine {
             }
             // Actions the journal issued may not have been carried out before the crash: the
             // core forgets them and decides again from the next observation.
-            if let Some(journal) = service
-                .rollout
-                .clone()
-                .and_then(|j| serde_json::from_value::<kiln_core::rollout::Journal>(j).ok())
-            {
+            if let Some(journal) = service.rollout.clone() {
                 let resumed = kiln_core::rollout::resume(&journal, crate::engine::ms(now));
-                service.rollout = serde_json::to_value(&resumed).ok();
+                service.rollout = Some(resumed);
                 changed = true;
             }
         }

@@ -11,7 +11,7 @@
 use std::time::SystemTime;
 
 use kiln_core::model::Strategy;
-use kiln_core::rollout::{self, Command, Journal};
+use kiln_core::rollout::{self, Command};
 use kiln_core::state::{Release, ReleaseStatus};
 
 use crate::api::{RollbackRequest, RollbackResponse};
@@ -66,11 +66,7 @@ impl Engine {
         }
         .clone();
 
-        if let Some(journal) = service
-            .rollout
-            .clone()
-            .and_then(|j| serde_json::from_value::<Journal>(j).ok())
-        {
+        if let Some(journal) = service.rollout.clone() {
             let warm = crate::reconcile::is_warm(&journal);
             if warm && journal.from == Some(target.number) {
                 // Promoted, and the release asked for still runs warm: moving traffic back is
@@ -166,7 +162,7 @@ impl Engine {
             &switch,
             ms(now),
         );
-        service.rollout = serde_json::to_value(&journal).ok();
+        service.rollout = Some(journal);
         world.event(
             Some(&req.service),
             "rollback",

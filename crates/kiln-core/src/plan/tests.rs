@@ -949,7 +949,8 @@ fn same_config_after_a_failed_rollout_rolls_out_again() {
     assert_eq!(change.rollout.as_ref().unwrap().to_release, 3);
 
     // While that rollout still runs, the same config is no change: it is on its way.
-    state.services.get_mut("web").unwrap().rollout = Some(serde_json::json!({}));
+    state.services.get_mut("web").unwrap().rollout =
+        Some(crate::rollout::start("d", "web", Some(1), 2, &failed, 0));
     assert!(!make(&[failed], &[], &state).has_changes());
 }
 
