@@ -4,173 +4,19 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+
 use std::time::Duration;
 
-use kiln_core::clock::{Clock, SystemClock};
-use kiln_core::config::{Source, load};
-use kiln_core::state::{State, desired};
-use kiln_driver::fake::{FakeControl, FakeDriver};
-use kiln_engine::api::{ApplyRequest, Status};
-use kiln_engine::{Engine, EngineConfig, Paths};
+mod common;
 
-const ROLLING: &str = r#"
-    min_healthy_time = "100ms"
-    healthy_deadline = "2s"
-    scale_down_delay = "100ms"
-"#;
-
-const CONFIG: &str = r#"
-project = "p"
-variable "greeting" { default = "one" }
-image "app" { entrypoint = ["/app"] }
-service "web" {
-  image     = image.app
-  instances = 2
-  port      = 8080
-  env       = { GREETING = var.greeting }
-  health {
-    path              = "/healthz"
-    interval          = "50ms"
-    timeout           = "200ms"
-    healthy_threshold = 1
-  }
-  rollout {
-ROLLOUT
-  }
-}
-"#;
-
-struct World {
-    rollout: String,
-    _dir: tempfile::TempDir,
-    paths: Paths,
-    engine: Engine,
-    control: FakeControl,
-    stop: tokio::sync::watch::Sender<bool>,
-}
+use common::{ROLLING, World, serving, world_with as world_notify};
 
 async fn world() -> World {
-    world_with(ROLLING).await
+    world_notify(ROLLING, None).await
 }
 
 async fn world_with(rollout: &str) -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path().join(".kiln"));
-    paths.create().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let control = FakeControl::new();
-    let driver = Arc::new(FakeDriver::new(control.clone(), clock.clone()));
-    let proxy = kiln_proxy::Proxy::new(kiln_proxy::ProxyConfig::default());
-    let mut cfg = EngineConfig::new(paths.clone());
-    cfg.tick = Duration::from_millis(50);
-    cfg.drain_timeout = Duration::from_secs(2);
-    let engine = Engine::open(cfg, driver, proxy, clock).unwrap();
-    engine.recover().await.unwrap();
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let runner = engine.clone();
-    tokio::spawn(async move {
-        runner
-            .run(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await;
-    });
-    World {
-        rollout: rollout.to_owned(),
-        _dir: dir,
-        paths,
-        engine,
-        control,
-        stop,
-    }
-}
-
-impl World {
-    /// Bakes the (empty) image and applies the config with `greeting`.
-    async fn apply(
-        &self,
-        greeting: &str,
-    ) -> Result<kiln_engine::api::ApplyResponse, kiln_engine::Error> {
-        let overrides = [kiln_core::model::VarOverride {
-            name: "greeting".into(),
-            value: greeting.into(),
-            source: kiln_core::model::VarSource::Flag,
-        }];
-        let (config, diags) = load(
-            &Source {
-                name: "kiln.hcl".into(),
-                text: CONFIG.replace("ROLLOUT", &self.rollout),
-            },
-            &overrides,
-        );
-        assert!(diags.is_empty(), "{diags:?}");
-        let config = config.unwrap();
-        let store = kiln_bake::Store::open(&self.paths.store()).unwrap();
-        let settings = kiln_bake::BakeSettings {
-            context_dir: self.paths.root.clone(),
-            epoch: 0,
-            git: None,
-            kiln_version: "test".into(),
-            host: "test".into(),
-            bwrap: None,
-        };
-        let records =
-            kiln_bake::bake(&store, &config, &[], &settings, &SystemClock, &mut |_| {}).unwrap();
-        let digests: BTreeMap<_, _> = records
-            .iter()
-            .map(|r| (r.name.clone(), r.digest.clone()))
-            .collect();
-        let (services, balancers, _) = desired(&config, &digests);
-        let db = kiln_state::StateStore::open(&self.paths.state_db(), SystemClock.now()).unwrap();
-        let current = db.read::<State>().unwrap();
-        let plan = kiln_core::plan::plan(
-            &current.lineage,
-            current.serial,
-            &services,
-            &balancers,
-            &current.doc,
-        );
-        self.engine
-            .apply(ApplyRequest {
-                plan,
-                actor: "test@host".into(),
-                git_commit: None,
-            })
-            .await
-    }
-
-    /// Polls the engine's status until `done` holds (bounded).
-    async fn until(&self, what: &str, done: impl Fn(&Status) -> bool) -> Status {
-        for _ in 0..200 {
-            let status = self.engine.status().await;
-            if done(&status) {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "timed out waiting until {what}: {:#?}",
-            self.engine.status().await
-        );
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
-
-fn serving(s: &Status, release: u32, n: usize) -> bool {
-    let svc = &s.services[0];
-    svc.rollout.is_none()
-        && svc.stable == Some(release)
-        && svc.instances.len() == n
-        && svc
-            .instances
-            .iter()
-            .all(|i| i.release == release && i.routable && i.health == "healthy")
+    world_notify(rollout, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,18 +13,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use kiln_core::clock::{Clock, SystemClock};
-use kiln_core::config::{Source, load};
-use kiln_core::state::{State, desired};
-use kiln_driver::fake::{FakeControl, FakeDriver};
-use kiln_engine::api::{ApplyRequest, ApplyResponse, Status};
-use kiln_engine::{Engine, EngineConfig, Paths};
 use serde_json::Value;
 
-const ROLLING: &str = r#"
-    min_healthy_time = "100ms"
-    healthy_deadline = "2s"
-    scale_down_delay = "100ms"
-"#;
+mod common;
+
+use common::{ROLLING, World, serving};
 
 const CANARY: &str = r#"
     strategy         = "canary"
@@ -33,28 +25,6 @@ const CANARY: &str = r#"
     min_healthy_time = "100ms"
     healthy_deadline = "2s"
     scale_down_delay = "100ms"
-"#;
-
-const CONFIG: &str = r#"
-project = "p"
-variable "greeting" { default = "one" }
-image "app" { entrypoint = ["/app"] }
-service "web" {
-  image     = image.app
-  instances = 2
-  port      = 8080
-  env       = { GREETING = var.greeting }
-  health {
-    path              = "/healthz"
-    interval          = "50ms"
-    timeout           = "200ms"
-    healthy_threshold = 1
-  }
-  rollout {
-ROLLOUT
-  }
-NOTIFY
-}
 "#;
 
 // --- the receiver -------------------------------------------------------------------------
@@ -163,146 +133,21 @@ fn is(post: &Value, kind: &str, release: u32) -> bool {
 
 // --- the engine, as in tests/engine.rs ------------------------------------------------------
 
-struct World {
-    rollout: String,
-    notify: String,
-    _dir: tempfile::TempDir,
-    paths: Paths,
-    engine: Engine,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
 async fn world(rollout: &str, webhook: Option<&str>) -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path().join(".kiln"));
-    paths.create().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let control = FakeControl::new();
-    let driver = Arc::new(FakeDriver::new(control, clock.clone()));
-    let proxy = kiln_proxy::Proxy::new(kiln_proxy::ProxyConfig::default());
-    let mut cfg = EngineConfig::new(paths.clone());
-    cfg.tick = Duration::from_millis(50);
-    cfg.drain_timeout = Duration::from_secs(2);
-    let engine = Engine::open(cfg, driver, proxy, clock).unwrap();
-    engine.recover().await.unwrap();
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let runner = engine.clone();
-    tokio::spawn(async move {
-        runner
-            .run(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await;
-    });
-    World {
-        rollout: rollout.to_owned(),
-        notify: webhook
-            .map(|url| format!("  notify {{ webhook = \"{url}\" }}"))
-            .unwrap_or_default(),
-        _dir: dir,
-        paths,
-        engine,
-        stop,
-    }
+    common::world_with(rollout, webhook).await
 }
 
-impl World {
-    /// Bakes the (empty) image and applies the config with `greeting`.
-    async fn apply(&self, greeting: &str) -> ApplyResponse {
-        let overrides = [kiln_core::model::VarOverride {
-            name: "greeting".into(),
-            value: greeting.into(),
-            source: kiln_core::model::VarSource::Flag,
-        }];
-        let text = CONFIG
-            .replace("ROLLOUT", &self.rollout)
-            .replace("NOTIFY", &self.notify);
-        let source = Source {
-            name: "kiln.hcl".into(),
-            text,
-        };
-        let (config, diags) = load(&source, &overrides);
-        assert!(diags.is_empty(), "{diags:?}");
-        let config = config.unwrap();
-        let store = kiln_bake::Store::open(&self.paths.store()).unwrap();
-        let settings = kiln_bake::BakeSettings {
-            context_dir: self.paths.root.clone(),
-            epoch: 0,
-            git: None,
-            kiln_version: "test".into(),
-            host: "test".into(),
-            bwrap: None,
-        };
-        let records =
-            kiln_bake::bake(&store, &config, &[], &settings, &SystemClock, &mut |_| {}).unwrap();
-        let digests: BTreeMap<_, _> = records
-            .iter()
-            .map(|r| (r.name.clone(), r.digest.clone()))
-            .collect();
-        let (services, balancers, _) = desired(&config, &digests);
-        let db = kiln_state::StateStore::open(&self.paths.state_db(), SystemClock.now()).unwrap();
-        let current = db.read::<State>().unwrap();
-        let plan = kiln_core::plan::plan(
-            &current.lineage,
-            current.serial,
-            &services,
-            &balancers,
-            &current.doc,
-        );
-        self.engine
-            .apply(ApplyRequest {
-                plan,
-                actor: "test@host".into(),
-                git_commit: None,
-            })
-            .await
-            .unwrap()
-    }
-
-    /// Polls the engine's status until `done` holds (bounded).
-    async fn until(&self, what: &str, done: impl Fn(&Status) -> bool) -> Status {
-        for _ in 0..300 {
-            let status = self.engine.status().await;
-            if done(&status) {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "timed out waiting until {what}: {:#?}",
-            self.engine.status().await
-        );
-    }
-
-    /// Rolls out v1, then v2, and returns how long the v2 rollout took (apply to v2 alone
-    /// serving, with the lock given back).
-    async fn v1_then_v2(&self) -> Duration {
-        self.apply("one").await;
-        self.until("v1 serves", |s| serving(s, 1, 2) && s.lock.is_none())
-            .await;
-        let start = SystemClock.now();
-        self.apply("two").await;
-        self.until("v2 serves", |s| serving(s, 2, 2) && s.lock.is_none())
-            .await;
-        SystemClock.now().duration_since(start).unwrap()
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
-
-fn serving(s: &Status, release: u32, n: usize) -> bool {
-    let svc = &s.services[0];
-    svc.rollout.is_none()
-        && svc.stable == Some(release)
-        && svc.instances.len() == n
-        && svc
-            .instances
-            .iter()
-            .all(|i| i.release == release && i.routable && i.health == "healthy")
+/// Rolls out v1, then v2, and returns how long the v2 rollout took (apply to v2 alone serving,
+/// with the lock given back).
+async fn v1_then_v2(w: &World) -> Duration {
+    w.apply("one").await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2) && s.lock.is_none())
+        .await;
+    let start = SystemClock.now();
+    w.apply("two").await.unwrap();
+    w.until("v2 serves", |s| serving(s, 2, 2) && s.lock.is_none())
+        .await;
+    SystemClock.now().duration_since(start).unwrap()
 }
 
 /// The public kinds of `posts` about `release`, in order.
@@ -320,10 +165,10 @@ fn kinds(posts: &[Value], release: u32) -> Vec<String> {
 async fn a_rollout_posts_its_events_in_order_from_started_to_succeeded() {
     let hook = Receiver::start(Answer::Ok).await;
     let w = world(ROLLING, Some(&hook.url())).await;
-    w.apply("one").await;
+    w.apply("one").await.unwrap();
     w.until("v1 serves", |s| serving(s, 1, 2) && s.lock.is_none())
         .await;
-    let v2 = w.apply("two").await;
+    let v2 = w.apply("two").await.unwrap();
     w.until("v2 serves", |s| serving(s, 2, 2)).await;
     let posts = hook.until("v2 succeeded", |p| is(p, "succeeded", 2)).await;
 
@@ -404,10 +249,10 @@ async fn a_rollout_posts_its_events_in_order_from_started_to_succeeded() {
 async fn a_canary_posts_its_steps_and_its_promotion() {
     let hook = Receiver::start(Answer::Ok).await;
     let w = world(CANARY, Some(&hook.url())).await;
-    w.apply("one").await;
+    w.apply("one").await.unwrap();
     w.until("v1 serves", |s| serving(s, 1, 2) && s.lock.is_none())
         .await;
-    w.apply("two").await;
+    w.apply("two").await.unwrap();
     let posts = hook.until("v2 succeeded", |p| is(p, "succeeded", 2)).await;
     let v2: Vec<String> = kinds(&posts, 2)
         .into_iter()
@@ -451,7 +296,7 @@ async fn a_canary_posts_its_steps_and_its_promotion() {
 async fn a_receiver_that_fails_twice_still_gets_the_event() {
     let hook = Receiver::start(Answer::FailFirst(2)).await;
     let w = world(ROLLING, Some(&hook.url())).await;
-    w.apply("one").await;
+    w.apply("one").await.unwrap();
     // The first event is tried three times (two 500s, 1 s and 2 s apart), then delivered.
     let posts = hook.until("v1 started", |p| is(p, "started", 1)).await;
     let first = &posts[0];
@@ -480,11 +325,11 @@ async fn a_receiver_that_never_answers_does_not_slow_a_rollout() {
     // The usual time of the same rollout without a webhook.
     let usual = {
         let w = world(ROLLING, None).await;
-        w.v1_then_v2().await
+        v1_then_v2(&w).await
     };
     let hook = Receiver::start(Answer::Never).await;
     let w = world(ROLLING, Some(&hook.url())).await;
-    let took = w.v1_then_v2().await;
+    let took = v1_then_v2(&w).await;
     // Blocking on the receiver would cost 2 s per event and attempt; allow for a busy machine.
     assert!(
         took < usual * 2 + Duration::from_secs(1),
