@@ -874,11 +874,8 @@ impl Baker<'_, '_> {
         })?;
         let digest = Digest::of(&manifest_bytes);
         let all_cached = build.steps.iter().all(|s| s.cached);
-        let existing = self
-            .store
-            .images()?
-            .into_iter()
-            .find(|r| r.digest == digest && r.name == image.name);
+        // Records are keyed by digest: one read, not a scan of every record in the store.
+        let existing = self.store.image(&digest)?.filter(|r| r.name == image.name);
         let (record, unchanged) = match existing {
             // Nothing to write; report this bake's steps (all cached) rather than the first one's.
             Some(record) if all_cached => (
