@@ -152,6 +152,11 @@ impl Loader<'_> {
         let steps_attr = f.attr("steps");
         let strategy = self.get(strategy_attr, Self::strategy);
         let strategy_failed = strategy_attr.is_some() && strategy.is_none();
+        // Settings of another strategy are a likely mistake when the strategy is written out,
+        // but intended when it is chosen by an expression (`strategy = var.strategy`): one
+        // config then carries the settings of each strategy it may pick.
+        let strategy_literal =
+            strategy_attr.is_none_or(|a| matches!(a.value, hcl_edit::expr::Expression::String(_)));
         rollout.strategy = strategy.unwrap_or(Strategy::Rolling);
         let steps = self.get(steps_attr, Self::steps);
         let steps_ok = steps.is_some();
@@ -200,6 +205,7 @@ impl Loader<'_> {
             self.report(Severity::Error, at, msg, help);
         } else if !is_canary
             && !strategy_failed
+            && strategy_literal
             && let Some(steps) = steps_attr
         {
             let msg = "`steps` only apply to the canary strategy and are ignored here";
@@ -207,6 +213,7 @@ impl Loader<'_> {
         }
         if rollout.strategy == Strategy::Rolling
             && !strategy_failed
+            && strategy_literal
             && let Some(attr) = f.attr("preview_listen")
         {
             let msg = "`preview_listen` only applies to the blue_green and canary strategies \

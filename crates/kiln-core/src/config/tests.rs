@@ -626,6 +626,22 @@ fn rollout_rules() {
             9 |     max_parallel = 0
               |                    ^"#]],
     );
+    // A strategy picked by a variable keeps every strategy's settings without a warning: the
+    // config is meant to serve more than one.
+    let chosen = format!(
+        "variable \"strategy\" {{ default = \"canary\" }}\n{}",
+        service(
+            "    strategy = var.strategy\n    steps = [{ weight = 10 }]\n    preview_listen = \"127.0.0.1:8081\""
+        )
+    );
+    for strategy in ["canary", "blue_green", "rolling"] {
+        let config = load_ok(&chosen, &[flag("strategy", strategy)]);
+        assert_eq!(
+            config.services["web"].rollout.steps.len(),
+            1,
+            "{strategy}: the steps are kept"
+        );
+    }
 }
 
 #[test]
