@@ -262,8 +262,34 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Exact, for limits and breaches: rounding could make `100ms 1us above 100ms` read as
+/// `100ms above 100ms`.
 fn us(v: u64) -> String {
     humantime::format_duration(Duration::from_micros(v)).to_string()
+}
+
+/// A latency in microseconds for people, to three significant digits: `870us`, `4.1ms`,
+/// `12.5ms`, `1.25s`, for measurements in a verdict's summary.
+pub fn latency(micros: u64) -> String {
+    // Three digits are shown, so the f64 rounding is invisible.
+    let v = micros as f64;
+    let (value, unit) = match micros {
+        0..1_000 => return format!("{micros}us"),
+        1_000..1_000_000 => (v / 1e3, "ms"),
+        _ => (v / 1e6, "s"),
+    };
+    let decimals = match value {
+        v if v < 10.0 => 2,
+        v if v < 100.0 => 1,
+        _ => 0,
+    };
+    let digits = format!("{value:.decimals$}");
+    let digits = if digits.contains('.') {
+        digits.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &digits
+    };
+    format!("{digits}{unit}")
 }
 
 fn percent(rate: f64) -> String {

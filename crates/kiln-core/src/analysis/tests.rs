@@ -311,3 +311,19 @@ fn verdicts_round_trip_through_json() {
     let text = serde_json::to_string(&r).unwrap();
     assert_eq!(serde_json::from_str::<AnalysisRun>(&text).unwrap(), r);
 }
+
+#[test]
+fn latencies_read_as_three_digits() {
+    let cases = [
+        (0, "0us"),
+        (870, "870us"),
+        (4_096, "4.1ms"),
+        (90_000, "90ms"),
+        (12_500, "12.5ms"),
+        (300_000, "300ms"),
+        (1_250_000, "1.25s"),
+    ];
+    for (micros, shown) in cases {
+        assert_eq!(latency(micros), shown, "{micros}us");
+    }
+}

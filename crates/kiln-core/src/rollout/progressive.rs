@@ -742,8 +742,7 @@ fn verdict_line(verdict: &Verdict, window: Option<Samples>) -> String {
     let c = &w.canary;
     let mut facts = vec![format!("{} requests, {} errors", c.requests, c.errors)];
     if let Some(p99) = c.p99_us {
-        let p99 = humantime::format_duration(std::time::Duration::from_micros(p99));
-        facts.push(format!("p99 {p99}"));
+        facts.push(format!("p99 {}", crate::analysis::latency(p99)));
     }
     if let Some(s) = &w.stable {
         facts.push(format!(
