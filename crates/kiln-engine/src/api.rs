@@ -123,6 +123,10 @@ pub struct RolloutStatus {
     pub stage: Option<String>,
     /// The traffic split it set, percent per release.
     pub weights: BTreeMap<u32, u32>,
+    /// The new release takes every request and only the old release's warm period
+    /// (`scale_down_delay`) is left: nothing more to wait for unless someone rolls back.
+    #[serde(default)]
+    pub promoted: bool,
     /// Its decisions, oldest first (the last 20).
     pub log: Vec<String>,
 }

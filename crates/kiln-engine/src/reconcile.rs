@@ -550,6 +550,10 @@ pub(crate) fn service_status(
             }
         }),
         weights: j.weights().cloned().unwrap_or_default(),
+        promoted: j
+            .progressive
+            .as_ref()
+            .is_some_and(|p| matches!(p.stage, Stage::Warm { .. })),
         log: j
             .log
             .iter()

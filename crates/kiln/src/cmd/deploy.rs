@@ -214,16 +214,22 @@ fn run_apply(global: &GlobalArgs, plan: Plan, detach: bool) -> Result<ExitCode> 
         if detach {
             return Ok(ExitCode::SUCCESS);
         }
-        follow(&client, &resp).await
+        follow(&client, &resp.releases, "apply").await
     })
 }
 
-/// Prints events until every rollout of the deployment has finished. Interrupting only stops
-/// following: the rollout goes on in the server (`kiln status` re-attaches).
-async fn follow(client: &Client, resp: &ApplyResponse) -> Result<ExitCode> {
+/// Prints events, from the newest event of kind `start` on, until the rollout of every service
+/// in `releases` has finished or promoted (the old release's warm period is not waited for).
+/// Interrupting only stops following: the rollout goes on in the server (`kiln status`
+/// re-attaches).
+pub async fn follow(
+    client: &Client,
+    releases: &BTreeMap<String, u32>,
+    start: &str,
+) -> Result<ExitCode> {
     let mut after = 0u64;
     let events: Vec<kiln_state::Event> = client.get("/v1/events?after=0").await?;
-    if let Some(last) = events.iter().rev().find(|e| e.kind == "apply") {
+    if let Some(last) = events.iter().rev().find(|e| e.kind == start) {
         after = last.id;
     }
     let mut failed = false;
@@ -232,14 +238,17 @@ async fn follow(client: &Client, resp: &ApplyResponse) -> Result<ExitCode> {
         // Status first, then events: a rollout that ends between the two calls still has its
         // last events (and its verdict) read before the loop stops.
         let status: Status = client.get("/v1/status").await?;
-        let busy = status
-            .services
-            .iter()
-            .any(|s| resp.releases.contains_key(&s.name) && s.rollout.is_some());
+        let busy = status.services.iter().any(|s| {
+            releases.contains_key(&s.name) && s.rollout.as_ref().is_some_and(|r| !r.promoted)
+        });
         let events: Vec<kiln_state::Event> =
             client.get(&format!("/v1/events?after={after}")).await?;
         for e in &events {
             after = e.id;
+            // The rollout's own notes already say each change of the split.
+            if e.kind == "traffic" {
+                continue;
+            }
             let who = e.service.as_deref().unwrap_or("kiln");
             eprintln!("{who}: {}", e.message);
             if e.kind == "rollout" && e.message.contains("failed") {
@@ -301,7 +310,7 @@ async fn wait_until_serving(client: &Client) -> Result<Status> {
     loop {
         let status: Status = client.get("/v1/status").await?;
         let serving = status.services.iter().all(|s| {
-            s.rollout.is_none()
+            s.rollout.as_ref().is_none_or(|r| r.promoted)
                 && s.instances
                     .iter()
                     .filter(|i| i.routable && !i.retiring && i.health == "healthy")

@@ -154,7 +154,11 @@ fn render_status(status: &Status) -> String {
             "\nservice {}: stable {}, {} of {} instances routable, traffic {}\n",
             s.name,
             s.stable.map_or("-".to_owned(), |v| format!("v{v}")),
-            s.instances.iter().filter(|i| i.routable).count(),
+            // The stable release's: a warm or new release's instances are listed below.
+            s.instances
+                .iter()
+                .filter(|i| i.routable && Some(i.release) == s.stable)
+                .count(),
             s.target,
             if traffic.is_empty() {
                 "none".to_owned()
@@ -167,7 +171,12 @@ fn render_status(status: &Status) -> String {
                 "  rollout {} → v{}: {}\n",
                 r.from.map_or("-".to_owned(), |v| format!("v{v}")),
                 r.to,
-                r.phase
+                // A canary or blue/green says more by its stage (`step 1 of 2`, `promoted; …`)
+                // while it runs as planned.
+                match &r.stage {
+                    Some(stage) if r.phase == "rolling" => stage,
+                    _ => &r.phase,
+                }
             ));
             if let Some(addr) = &s.preview {
                 out.push_str(&format!("  preview of v{}: http://{addr}/\n", r.to));

@@ -1,13 +1,14 @@
 //! `kiln rollout status | promote | abort | pause | resume SERVICE`: watch and steer the rollout
 //! in progress. The decisions stay in the server; these only hand it an operator's command.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use kiln_engine::api::{RolloutCommand, Status};
 use kiln_engine::client::Client;
 
-use crate::cmd::deploy::{confirm, paths, runtime};
+use crate::cmd::deploy::{confirm, follow, paths, runtime};
 use crate::project::GlobalArgs;
 use crate::ui;
 
@@ -121,6 +122,9 @@ pub struct RollbackArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     auto_approve: bool,
+    /// Return once the server accepted the rollback, without following it.
+    #[arg(long)]
+    detach: bool,
 }
 
 fn parse_release(s: &str) -> Result<u32, String> {
@@ -139,7 +143,8 @@ pub fn rollback(global: &GlobalArgs, args: &RollbackArgs) -> Result<ExitCode> {
         args.auto_approve,
     )?;
     let client = Client::new(&paths(global).socket());
-    let resp: kiln_engine::api::RollbackResponse = runtime()?.block_on(client.post(
+    let rt = runtime()?;
+    let resp: kiln_engine::api::RollbackResponse = rt.block_on(client.post(
         "/v1/rollback",
         &kiln_engine::api::RollbackRequest {
             service: args.service.clone(),
@@ -147,16 +152,44 @@ pub fn rollback(global: &GlobalArgs, args: &RollbackArgs) -> Result<ExitCode> {
             actor: kiln_engine::actor(),
         },
     ))?;
+    let service = &args.service;
+    let release = resp.release;
     if resp.warm {
+        if !args.detach {
+            rt.block_on(wait_for_traffic(&client, service, release))?;
+        }
         ui::out(format!(
-            "{}: v{} was still warm; every request goes back to it now",
-            args.service, resp.release
+            "{service}: v{release} was still warm; every request goes to it"
         ));
-    } else {
-        ui::out(format!(
-            "{}: rolling back as release v{}: launched from the stored image, switched once healthy (`kiln rollout status {}`)",
-            args.service, resp.release, args.service
-        ));
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(ExitCode::SUCCESS)
+    ui::out(format!(
+        "{service}: rolling back as release v{release}: launched from the stored image, switched once healthy"
+    ));
+    if args.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let releases = BTreeMap::from([(service.clone(), release)]);
+    rt.block_on(follow(&client, &releases, "rollback"))
+}
+
+/// Waits until the proxy sends every request of `service` to `release` (a warm rollback is one
+/// switch, done within a tick of the server).
+async fn wait_for_traffic(client: &Client, service: &str, release: u32) -> Result<()> {
+    for _ in 0..200 {
+        let status: Status = client.get("/v1/status").await?;
+        let all = status
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.traffic.get(&release))
+            .is_some_and(|share| *share >= 100.0);
+        if all {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    bail!(
+        "the switch back to v{release} of `{service}` did not happen within 10 s; see `kiln rollout status {service}`"
+    )
 }
