@@ -40,6 +40,8 @@ pub struct Summary {
     pub statuses: BTreeMap<u16, u64>,
     /// Successful responses by the release that served them (`X-Kiln-Release`, `-` if absent).
     pub releases: BTreeMap<String, u64>,
+    /// Responses with a status of 400 or more, by the release that served them.
+    pub failed_by_release: BTreeMap<String, u64>,
     /// The first few failures, for the error message.
     pub failures: Vec<String>,
     /// Latencies in microseconds, sorted, of successful responses.
@@ -73,6 +75,9 @@ impl Summary {
         }
         for (k, v) in other.releases {
             *self.releases.entry(k).or_default() += v;
+        }
+        for (k, v) in other.failed_by_release {
+            *self.failed_by_release.entry(k).or_default() += v;
         }
         for f in other.failures {
             if self.failures.len() < 10 {
@@ -119,9 +124,12 @@ pub async fn run(url: http::Uri, concurrency: usize, stop: impl Future<Output = 
                             mine.latencies_us.push(
                                 u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                             );
-                        } else if mine.failures.len() < 10 {
-                            mine.failures
-                                .push(format!("status {status} from {release}"));
+                        } else {
+                            if mine.failures.len() < 10 {
+                                mine.failures
+                                    .push(format!("status {status} from {release}"));
+                            }
+                            *mine.failed_by_release.entry(release).or_default() += 1;
                         }
                     }
                     Err(e) => {

@@ -4,31 +4,34 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Parser;
+
+/// Sends requests to URL from N clients, each waiting for its answer before the next, and
+/// prints what came back: statuses, the releases that served (`X-Kiln-Release`), latencies.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// An `http://` URL.
+    url: http::Uri,
+    /// Clients sending at once.
+    #[arg(short, long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long to send (`10s`, `5m`; a bare number is seconds); SIGINT or SIGTERM end it early.
+    #[arg(short, long, default_value = "10s", value_parser = duration)]
+    duration: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let mut url = None;
-    let mut concurrency = 8;
-    let mut duration = Duration::from_secs(10);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--concurrency" | "-c" => {
-                concurrency = args.next().and_then(|v| v.parse().ok()).unwrap_or(8);
-            }
-            "--duration" | "-d" => {
-                duration = args
-                    .next()
-                    .and_then(|v| v.trim_end_matches('s').parse().ok())
-                    .map(Duration::from_secs)
-                    .unwrap_or(duration);
-            }
-            _ => url = a.parse::<http::Uri>().ok(),
-        }
-    }
-    let Some(url) = url else {
-        eprintln!("usage: kiln-load URL [--concurrency N] [--duration SECONDS]");
-        return ExitCode::FAILURE;
-    };
+    let args = Args::parse();
+    let duration = args.duration;
     let stop = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -38,12 +41,13 @@ async fn main() -> ExitCode {
             Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
         }
     };
-    let summary = kiln_load::run(url, concurrency, stop).await;
+    let summary = kiln_load::run(args.url, args.concurrency, stop).await;
     let json = serde_json::json!({
         "requests": summary.requests,
         "failed": summary.failed(),
         "statuses": summary.statuses,
         "releases": summary.releases,
+        "failed_by_release": summary.failed_by_release,
         "p50_us": summary.quantile_us(0.5),
         "p99_us": summary.quantile_us(0.99),
         "failures": summary.failures,
