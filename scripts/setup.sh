@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/deps.sh runtime
-cargo build --release --locked -p kiln
+cargo build --release --locked -p kiln -p kiln-load
 kiln=$PWD/target/release/kiln
 [ -n "${CARGO_TARGET_DIR:-}" ] && kiln=$CARGO_TARGET_DIR/release/kiln
 
@@ -23,5 +23,6 @@ echo "== the example answers through kiln's proxy:"
 curl -fsS -D - "http://$url/cgi-bin/version" | grep -Ei '^x-kiln-release|from'
 echo
 echo "kiln is at $kiln. The example is running at http://$url/"
-echo "Try: cd examples/hello && $kiln apply -var greeting=bonjour   (a rolling update)"
-echo "     $kiln status; $kiln releases web; $kiln down"
+echo "Try: cd examples/hello && $kiln apply -var greeting=bonjour   (a canary release)"
+echo "     $kiln status; $kiln releases web; $kiln rollback web; $kiln down"
+echo "The whole tour, under load: examples/hello/tour.sh (see examples/hello/README.md)"

@@ -17,4 +17,6 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo test"
+# The example's tour (crates/kiln/tests/example.rs) drives the kiln-load binary.
+cargo build --locked -p kiln-load
 cargo test --locked --workspace

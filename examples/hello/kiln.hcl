@@ -11,6 +11,16 @@ variable "replicas" {
   default = 2
 }
 
+variable "strategy" {
+  default     = "canary"
+  description = "how a new release rolls out: canary, blue_green or rolling"
+}
+
+variable "fail_percent" {
+  default     = 0
+  description = "the share of /cgi-bin/version requests answered with 500, to try a bad release"
+}
+
 image "base" {
   base   = "dir:./rootfs"
   labels = { "org.opencontainers.image.title" = "busybox base" }
@@ -41,7 +51,11 @@ service "web" {
   image     = image.web
   instances = var.replicas
   port      = 8080
-  env       = { GREETING = var.greeting }   # a change here makes a new release
+  # A change of either makes a new release.
+  env = {
+    GREETING     = var.greeting
+    FAIL_PERCENT = "${var.fail_percent}"
+  }
 
   health {
     path     = "/healthz"
@@ -49,9 +63,28 @@ service "web" {
   }
 
   rollout {
-    strategy         = "rolling"
-    max_parallel     = 1
+    strategy = var.strategy
+
+    # canary: 20 % of requests for 10 s, then 50 % for 10 s, then everything, each step passed
+    # only on a passing verdict.
+    steps = [{ weight = 20, pause = "10s" }, { weight = 50, pause = "10s" }]
+
+    # blue_green: the new release serves only preview requests (header `X-Kiln-Preview: 1`,
+    # cookie `kiln-preview=1`, or this listener) until `kiln rollout promote`.
+    preview_listen = "127.0.0.1:8081"
+    auto_promote   = false
+
+    # rolling: one instance at a time.
+    max_parallel = 1
+
     min_healthy_time = "2s"
+    scale_down_delay = "2m" # the old release stays warm this long: a rollback is instant
+
+    analysis {
+      interval       = "2s"
+      max_error_rate = 0.05 # more than 5 % of requests answered 5xx fails the release
+      min_requests   = 20   # a window with fewer is inconclusive, never a pass
+    }
   }
 }
 
