@@ -153,6 +153,7 @@ fn applied(spec: &ServiceSpec, i: usize) -> ServiceState {
                 routable: true,
                 retiring: false,
                 started_at: "2026-01-01T00:00:00Z".to_owned(),
+                replace_because: None,
             }
         })
         .collect();

@@ -20,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod diag;
 pub mod digest;
+pub mod drift;
 pub mod model;
 pub mod plan;
 pub mod rollout;

@@ -149,6 +149,10 @@ pub struct Instance {
     pub retiring: bool,
     /// When it was started (RFC 3339).
     pub started_at: String,
+    /// Why it must be replaced (a drift finding it answers to): a replacement of the same
+    /// release is started first and this one retired once the replacement serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_because: Option<String>,
 }
 
 /// A balancer as applied: where it listens and its routes.

@@ -18,6 +18,7 @@
 //! assert_eq!(empty.render(), "No changes. The running services match the configuration.\n");
 //! ```
 
+mod drift;
 mod render;
 mod schedule;
 #[cfg(test)]
@@ -28,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+pub use drift::{DriftRemediation, drift_plan};
 pub use schedule::{Schedule, schedule};
 
 use crate::Digest;
@@ -56,6 +58,10 @@ pub struct Plan {
     pub services: BTreeMap<String, ServiceSpec>,
     /// The desired balancers.
     pub balancers: BTreeMap<String, BalancerSpec>,
+    /// A drift remediation (`kiln drift --remediate`): the instances to replace and the
+    /// unmanaged ones to stop. Its services and balancers are the state's own, unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftRemediation>,
 }
 
 /// The change to one resource, in Terraform's `resource_changes[]` shape.
@@ -224,11 +230,12 @@ pub fn plan(
         resource_changes,
         services: services.clone(),
         balancers: balancers.clone(),
+        drift: None,
     }
 }
 
 /// The `before`/`after` object of a service: the fields a reviewer or a policy cares about.
-fn service_json(spec: &ServiceSpec) -> Value {
+pub(super) fn service_json(spec: &ServiceSpec) -> Value {
     let mut value = json!({
         "image": spec.image,
         "image_digest": spec.image_digest,
@@ -245,11 +252,11 @@ fn service_json(spec: &ServiceSpec) -> Value {
     value
 }
 
-fn balancer_json(spec: &BalancerSpec) -> Value {
+pub(super) fn balancer_json(spec: &BalancerSpec) -> Value {
     json!(spec)
 }
 
-fn service_change(
+pub(super) fn service_change(
     name: &str,
     desired: Option<&ServiceSpec>,
     current: Option<&ServiceState>,
@@ -349,7 +356,7 @@ fn retry_cause(have: &ServiceState) -> String {
     }
 }
 
-fn balancer_change(
+pub(super) fn balancer_change(
     name: &str,
     desired: Option<&BalancerSpec>,
     current: Option<&BalancerSpec>,
@@ -387,7 +394,7 @@ fn balancer_change(
 }
 
 #[allow(clippy::too_many_arguments)] // One flat constructor reads better than a builder here.
-fn resource_change(
+pub(super) fn resource_change(
     prefix: &str,
     kind: &str,
     name: &str,

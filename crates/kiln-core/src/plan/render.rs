@@ -26,7 +26,7 @@ const FIELD_ORDER: [&str; 9] = [
 ];
 
 pub(super) fn render(plan: &Plan) -> String {
-    if !plan.has_changes() {
+    if !plan.has_changes() && plan.drift.is_none() {
         return "No changes. The running services match the configuration.\n".to_owned();
     }
     let mut out = String::new();
@@ -44,10 +44,57 @@ pub(super) fn render(plan: &Plan) -> String {
         "Plan: {} to create, {} to replace, {} to update, {} to delete.",
         s.create, s.replace, s.update, s.delete
     );
+    if let Some(remedy) = &plan.drift {
+        let left: Vec<_> = remedy
+            .findings
+            .iter()
+            .filter(|f| {
+                !f.instance.as_ref().is_some_and(|id| {
+                    remedy.remove.contains_key(id)
+                        || remedy.replace.values().any(|ids| ids.contains_key(id))
+                })
+            })
+            .collect();
+        if !left.is_empty() {
+            let _ = writeln!(out, "\nNot answered by replacing instances:");
+            for f in left {
+                let _ = writeln!(out, "  {f}");
+            }
+        }
+    }
     out
 }
 
+/// An instance replaced or stopped by a drift remediation.
+fn instance(out: &mut String, change: &ResourceChange, kind: ChangeKind) {
+    let before = change.change.before.as_ref();
+    let why = before.and_then(|b| b["drift"].as_str()).unwrap_or_default();
+    let release = before.and_then(|b| b["release"].as_u64());
+    match kind {
+        ChangeKind::Replace => {
+            let v = release.map_or_else(String::new, |r| format!("v{r}"));
+            let _ = writeln!(
+                out,
+                "  # {} will be replaced because it drifted: {why}",
+                change.address
+            );
+            let _ = writeln!(
+                out,
+                "  +/- instance \"{}\": a new {v} instance starts first; this one is retired once it serves",
+                change.name
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "  # {} will be stopped: {why}", change.address);
+            let _ = writeln!(out, "  - instance \"{}\"", change.name);
+        }
+    }
+}
+
 fn resource(out: &mut String, change: &ResourceChange, kind: ChangeKind) {
+    if change.kind == "kiln_instance" {
+        return instance(out, change, kind);
+    }
     let what = change.address.split('.').next().unwrap_or_default();
     let release = change.rollout.as_ref().map(|s| s.to_release);
     let reason = change.action_reason.as_deref().unwrap_or_default();

@@ -1131,3 +1131,213 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_drift_plan_replaces_drifted_instances_and_stops_unmanaged_ones() {
+    use crate::drift::{Category, Finding, Report};
+    let mut state = state_with(&[(web(), 2)], &[public()]);
+    let instance = |id: &str| crate::state::Instance {
+        id: id.into(),
+        release: 2,
+        port: 41000,
+        handle: serde_json::json!({"pid": 1}),
+        routable: true,
+        retiring: false,
+        started_at: "2026-01-01T00:00:00Z".into(),
+        replace_because: None,
+    };
+    let web_state = state.services.get_mut("web").unwrap();
+    web_state.instances = vec![instance("web-v2-aaaaaa"), instance("web-v2-bbbbbb")];
+    let report = Report {
+        findings: vec![
+            Finding::new(Category::FileTamper, "sha256:ab…", "sha256:cd…")
+                .service("web")
+                .release(2)
+                .instance("web-v2-aaaaaa")
+                .subject("/var/www/index.html"),
+            Finding::new(Category::Config, "sha256:11…", "sha256:22…")
+                .service("web")
+                .release(2)
+                .instance("web-v2-aaaaaa")
+                .subject("env.GREETING"),
+            Finding::new(Category::Unmanaged, "nothing", "a running instance")
+                .service("web")
+                .instance("web-v9-stray1"),
+            Finding::new(Category::State, "sha256:aa…", "sha256:bb…").subject("serial 7"),
+        ],
+        ..Report::default()
+    };
+    let plan = drift_plan("lin", 7, &state, &report);
+    assert_eq!(
+        plan.summary(),
+        Summary {
+            replace: 1,
+            delete: 1,
+            ..Summary::default()
+        }
+    );
+    // Nothing of the services or balancers changes.
+    assert_eq!(plan.services["web"], state.services["web"].spec);
+    check(
+        &plan,
+        &expect![[r#"
+              # instance["web-v9-stray1"] will be stopped: not in the state (a running instance)
+              - instance "web-v9-stray1"
+
+              # service.web.instance["web-v2-aaaaaa"] will be replaced because it drifted: file_tamper /var/www/index.html; config env.GREETING
+              +/- instance "web-v2-aaaaaa": a new v2 instance starts first; this one is retired once it serves
+
+            Plan: 0 to create, 1 to replace, 0 to update, 1 to delete.
+
+            Not answered by replacing instances:
+              state          serial 7: expected sha256:aa…, found sha256:bb…
+        "#]],
+        &expect![[r#"
+            [
+              {
+                "address": "balancer.public",
+                "mode": "managed",
+                "type": "kiln_balancer",
+                "name": "public",
+                "change": {
+                  "actions": [
+                    "no-op"
+                  ],
+                  "before": {
+                    "listen": "127.0.0.1:8080",
+                    "name": "public",
+                    "routes": [
+                      {
+                        "host": null,
+                        "path_prefix": "/",
+                        "service": "web"
+                      }
+                    ]
+                  },
+                  "after": {
+                    "listen": "127.0.0.1:8080",
+                    "name": "public",
+                    "routes": [
+                      {
+                        "host": null,
+                        "path_prefix": "/",
+                        "service": "web"
+                      }
+                    ]
+                  }
+                },
+                "action_reason": null,
+                "rollout": null
+              },
+              {
+                "address": "instance[\"web-v9-stray1\"]",
+                "mode": "managed",
+                "type": "kiln_instance",
+                "name": "web-v9-stray1",
+                "change": {
+                  "actions": [
+                    "delete"
+                  ],
+                  "before": {
+                    "drift": "not in the state (a running instance)"
+                  },
+                  "after": null
+                },
+                "action_reason": "delete_because_unmanaged",
+                "rollout": null
+              },
+              {
+                "address": "service.web",
+                "mode": "managed",
+                "type": "kiln_service",
+                "name": "web",
+                "change": {
+                  "actions": [
+                    "no-op"
+                  ],
+                  "before": {
+                    "env": {
+                      "GREETING": "hello"
+                    },
+                    "health": {
+                      "healthy_threshold": 3,
+                      "interval": "1s",
+                      "path": "/healthz",
+                      "timeout": "500ms",
+                      "unhealthy_threshold": 3
+                    },
+                    "image": "web",
+                    "image_digest": "sha256:1a2b3c4d5e6f0000000000000000000000000000000000000000000000000000",
+                    "instances": 3,
+                    "port": 8080,
+                    "rollout": {
+                      "analysis": null,
+                      "auto_promote": false,
+                      "auto_rollback": true,
+                      "canary_instances": null,
+                      "healthy_deadline": "5m",
+                      "max_parallel": 1,
+                      "min_healthy_time": "10s",
+                      "progress_deadline": "10m",
+                      "scale_down_delay": "5m",
+                      "steps": [],
+                      "strategy": "rolling"
+                    }
+                  },
+                  "after": {
+                    "env": {
+                      "GREETING": "hello"
+                    },
+                    "health": {
+                      "healthy_threshold": 3,
+                      "interval": "1s",
+                      "path": "/healthz",
+                      "timeout": "500ms",
+                      "unhealthy_threshold": 3
+                    },
+                    "image": "web",
+                    "image_digest": "sha256:1a2b3c4d5e6f0000000000000000000000000000000000000000000000000000",
+                    "instances": 3,
+                    "port": 8080,
+                    "rollout": {
+                      "analysis": null,
+                      "auto_promote": false,
+                      "auto_rollback": true,
+                      "canary_instances": null,
+                      "healthy_deadline": "5m",
+                      "max_parallel": 1,
+                      "min_healthy_time": "10s",
+                      "progress_deadline": "10m",
+                      "scale_down_delay": "5m",
+                      "steps": [],
+                      "strategy": "rolling"
+                    }
+                  }
+                },
+                "action_reason": null,
+                "rollout": null
+              },
+              {
+                "address": "service.web.instance[\"web-v2-aaaaaa\"]",
+                "mode": "managed",
+                "type": "kiln_instance",
+                "name": "web-v2-aaaaaa",
+                "change": {
+                  "actions": [
+                    "create",
+                    "delete"
+                  ],
+                  "before": {
+                    "drift": "file_tamper /var/www/index.html; config env.GREETING",
+                    "release": 2
+                  },
+                  "after": {
+                    "release": 2
+                  }
+                },
+                "action_reason": "replace_because_drift",
+                "rollout": null
+              }
+            ]"#]],
+    );
+}

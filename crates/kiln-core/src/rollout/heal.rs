@@ -89,6 +89,10 @@ impl Backoff {
 /// restart in place), launches missing ones, retires extra ones newest first, and routes ready
 /// ones. Instances of other releases (a warm previous release, say) are left alone.
 ///
+/// Condemned instances (a drift remediation) are replaced create-before-destroy: a
+/// replacement is launched at once, and the condemned instance retired once the routed
+/// instances without it still number `target`.
+///
 /// All failures seen in one call make one replacement round: several instances dying together
 /// are one incident, not a loop.
 pub fn heal(
@@ -121,7 +125,11 @@ pub fn heal(
         InstanceHealth::Starting => now_ms >= i.started_ms.saturating_add(s.healthy_deadline_ms),
         InstanceHealth::Healthy { .. } => false,
     };
-    let (dead, mut alive): (Vec<_>, Vec<_>) = mine.into_iter().partition(|i| failed(i));
+    let (dead, alive): (Vec<_>, Vec<_>) = mine.into_iter().partition(|i| failed(i));
+    // Condemned instances (drifted) still serve but do not count as capacity: replacements
+    // are launched for them as for missing ones, and each is retired only once the routed
+    // instances without it still reach `target` (create before destroy).
+    let (condemned, mut alive): (Vec<_>, Vec<_>) = alive.into_iter().partition(|i| i.condemned);
     for i in &dead {
         retire(&mut b.ledger, i, &mut actions);
     }
@@ -155,12 +163,30 @@ pub fn heal(
         }
     }
 
+    let mut routed = super::count(
+        alive
+            .iter()
+            .chain(condemned.iter())
+            .filter(|i| i.routable)
+            .count(),
+    );
     for i in alive {
         let ready = matches!(i.health, InstanceHealth::Healthy { since_ms }
             if now_ms.saturating_sub(since_ms) >= s.min_healthy_time_ms);
         if ready && !i.routable && !b.ledger.routing.contains(&i.id) {
             b.ledger.routing.insert(i.id.clone());
             actions.push(Action::Route { id: i.id.clone() });
+        }
+    }
+    // Oldest first, one at a time as capacity allows; one that serves nothing goes at once.
+    let mut condemned = condemned;
+    condemned.sort_by(|a, b| (a.started_ms, &a.id).cmp(&(b.started_ms, &b.id)));
+    for i in condemned {
+        if !i.routable {
+            retire(&mut b.ledger, i, &mut actions);
+        } else if routed > target {
+            routed -= 1;
+            retire(&mut b.ledger, i, &mut actions);
         }
     }
     (b, actions)

@@ -202,6 +202,9 @@ pub struct ObservedInstance {
     pub routable: bool,
     /// Whether it is being retired (unrouted, draining or stopping).
     pub retiring: bool,
+    /// It drifted and must be replaced: a replacement is launched first, and it is retired
+    /// once routed capacity allows (see [`heal`]).
+    pub condemned: bool,
 }
 
 /// An instance's health as its checks report it.

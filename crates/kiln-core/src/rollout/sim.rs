@@ -100,6 +100,7 @@ impl World {
                 health: InstanceHealth::Starting,
                 routable: false,
                 retiring: false,
+                condemned: false,
             },
             fate,
             gone_at: None,

@@ -442,3 +442,34 @@ fn heal_replaces_an_instance_that_never_turns_healthy() {
         ]
     );
 }
+
+#[test]
+fn heal_replaces_condemned_instances_before_retiring_them() {
+    // Two serving instances; v1-1 drifted. Its replacement is launched at once, and it is
+    // retired only once the replacement is routed, so two instances serve throughout.
+    let mut world = World::new(1, 2, 0);
+    world.instances[0].obs.condemned = true;
+    let mut b = backoff();
+    let mut out = String::new();
+    while world.now < T0 + 20 * S {
+        let routed = world.capacity();
+        assert!(
+            routed >= 2,
+            "capacity dropped to {routed} at {}",
+            world.now - T0
+        );
+        let (next, actions) = heal(1, 2, &world.observe(), &b, world.now);
+        b = next;
+        if !actions.is_empty() {
+            let lines = world.apply(&actions);
+            let _ = writeln!(out, "{:<4} {}", (world.now - T0) / S, lines.join(", "));
+        }
+        world.advance(S);
+    }
+    expect![[r#"
+        0    launch v1-3
+        13   route v1-3
+        14   retire v1-1
+    "#]]
+    .assert_eq(&out);
+}

@@ -1,0 +1,178 @@
+//! The plan that answers drift: replace what drifted, stop what kiln does not manage.
+//!
+//! Its services and balancers are the state's own, so applying it changes no release; the
+//! only changes are instances, each with its `action_reason`: `replace_because_drift` (a new
+//! instance of the same release is started, and the drifted one retired once the new one
+//! serves) or `delete_because_unmanaged`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{ChangeKind, FORMAT_VERSION, Plan, ResourceChange};
+use crate::digest::digest_json;
+use crate::drift::{Category, Finding, Report};
+use crate::state::State;
+
+/// What a drift remediation changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftRemediation {
+    /// Instances to replace, by service then id, with why (their findings, `; `-joined).
+    pub replace: BTreeMap<String, BTreeMap<String, String>>,
+    /// Processes kiln started that the state does not know, by id, to stop.
+    pub remove: BTreeMap<String, String>,
+    /// The findings the plan answers, and those it cannot (shown, not acted on).
+    pub findings: Vec<Finding>,
+}
+
+impl DriftRemediation {
+    /// Whether it changes anything.
+    pub fn is_empty(&self) -> bool {
+        self.replace.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// The plan answering `report` against `state` (at `lineage`/`serial`).
+pub fn drift_plan(lineage: &str, serial: u64, state: &State, report: &Report) -> Plan {
+    let mut remedy = DriftRemediation {
+        findings: report.findings.clone(),
+        ..DriftRemediation::default()
+    };
+    for f in &report.findings {
+        let (Some(service), Some(id)) = (&f.service, &f.instance) else {
+            if let (Category::Unmanaged, Some(id)) = (f.category, &f.instance) {
+                remedy.remove.insert(id.clone(), unmanaged(f));
+            }
+            continue;
+        };
+        let known = state
+            .services
+            .get(service)
+            .is_some_and(|s| s.instances.iter().any(|i| &i.id == id && !i.retiring));
+        if f.replaceable() && known {
+            let why = remedy
+                .replace
+                .entry(service.clone())
+                .or_default()
+                .entry(id.clone())
+                .or_default();
+            if !why.is_empty() {
+                why.push_str("; ");
+            }
+            why.push_str(&reason(f));
+        } else if f.category == Category::Unmanaged && !known {
+            remedy.remove.insert(id.clone(), unmanaged(f));
+        }
+    }
+
+    let mut changes = Vec::new();
+    for (name, s) in &state.services {
+        let json = super::service_json(&s.spec);
+        changes.push(super::resource_change(
+            "service",
+            "kiln_service",
+            name,
+            ChangeKind::NoOp,
+            Some(json.clone()),
+            Some(json),
+            None,
+            None,
+        ));
+    }
+    for (name, b) in &state.balancers {
+        let json = super::balancer_json(b);
+        changes.push(super::resource_change(
+            "balancer",
+            "kiln_balancer",
+            name,
+            ChangeKind::NoOp,
+            Some(json.clone()),
+            Some(json),
+            None,
+            None,
+        ));
+    }
+    for (service, ids) in &remedy.replace {
+        for (id, why) in ids {
+            let release = state.services[service]
+                .instances
+                .iter()
+                .find(|i| &i.id == id)
+                .map(|i| i.release);
+            changes.push(instance_change(
+                Some(service),
+                id,
+                ChangeKind::Replace,
+                json!({ "release": release, "drift": why }),
+                "replace_because_drift",
+            ));
+        }
+    }
+    for (id, why) in &remedy.remove {
+        changes.push(instance_change(
+            None,
+            id,
+            ChangeKind::Delete,
+            json!({ "drift": why }),
+            "delete_because_unmanaged",
+        ));
+    }
+    changes.sort_by(|a, b| a.address.cmp(&b.address));
+
+    let services: BTreeMap<_, _> = state
+        .services
+        .iter()
+        .map(|(n, s)| (n.clone(), s.spec.clone()))
+        .collect();
+    let balancers = state.balancers.clone();
+    Plan {
+        format_version: FORMAT_VERSION.to_owned(),
+        lineage: lineage.to_owned(),
+        serial,
+        config_hash: digest_json(&(&services, &balancers)),
+        resource_changes: changes,
+        services,
+        balancers,
+        drift: Some(remedy),
+    }
+}
+
+/// Why an unmanaged instance is stopped.
+fn unmanaged(f: &Finding) -> String {
+    format!("not in the state ({})", f.found)
+}
+
+/// A finding as one reason: `file_tamper /var/www/index.html`.
+fn reason(f: &Finding) -> String {
+    match &f.subject {
+        Some(s) => format!("{} {s}", f.category),
+        None => f.category.to_string(),
+    }
+}
+
+fn instance_change(
+    service: Option<&String>,
+    id: &str,
+    kind: ChangeKind,
+    before: serde_json::Value,
+    reason: &str,
+) -> ResourceChange {
+    let prefix = match service {
+        Some(s) => format!("service.{s}.instance"),
+        None => "instance".to_owned(),
+    };
+    let after = (kind == ChangeKind::Replace).then(|| json!({ "release": before["release"] }));
+    let mut change = super::resource_change(
+        &prefix,
+        "kiln_instance",
+        id,
+        kind,
+        Some(before),
+        after,
+        Some(reason.to_owned()),
+        None,
+    );
+    change.address = format!("{prefix}[\"{id}\"]");
+    change
+}
