@@ -55,6 +55,7 @@ impl Engine {
                 routable: false,
                 retiring: false,
                 started_at: rfc3339(now),
+                replace_because: None,
             });
         world.dirty = true;
         world.event(

@@ -131,6 +131,7 @@ impl Engine {
                     health,
                     routable: inst.routable,
                     retiring: inst.retiring,
+                    condemned: inst.replace_because.is_some(),
                 }
             })
             .collect();
