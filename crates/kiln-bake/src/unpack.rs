@@ -102,10 +102,24 @@ pub fn unpack(reader: impl Read, dest: &Path, opts: &UnpackOptions) -> Result<Un
 /// shows up as a broken archive; the caller must then discard `dest`.
 pub fn apply_layers(store: &Store, layers: &[LayerRecord], dest: &Path) -> Result<()> {
     let mut x = Extractor::new(dest, UnpackOptions::layers())?;
+    for_each_layer(store, layers, |reader| x.archive(reader))?;
+    x.finish().map(drop)
+}
+
+/// Streams each layer blob (base first) through `each`, checking its digest as it is read.
+///
+/// A blob whose content does not hash to its digest is [`Error::CorruptBlob`], even when `each`
+/// failed first: corruption explains any other failure. Shared by [`apply_layers`] and
+/// [`crate::manifest::Manifest::from_layers`], so both read layers the same way.
+pub(crate) fn for_each_layer(
+    store: &Store,
+    layers: &[LayerRecord],
+    mut each: impl FnMut(&mut HashingReader<File>) -> Result<()>,
+) -> Result<()> {
     for layer in layers {
         let path = store.blob_path(&layer.digest);
         let mut reader = HashingReader::new(store.open_blob(&layer.digest)?);
-        let extracted = x.archive(&mut reader);
+        let done = each(&mut reader);
         // Hash the rest (tar stops at its end marker, decoders at their end of stream) so that
         // the digest covers the whole blob, then judge: corruption explains any other failure.
         let found = reader.finish().map_err(Error::io("read blob", &path))?;
@@ -115,24 +129,41 @@ pub fn apply_layers(store: &Store, layers: &[LayerRecord], dest: &Path) -> Resul
                 found,
             });
         }
-        extracted?;
+        done?;
     }
-    x.finish().map(drop)
+    Ok(())
 }
 
-enum Compression {
-    Gzip,
-    Zstd,
-    Plain,
+/// An archive stream decompressed as its magic bytes say: gzip, zstd, or plain.
+pub(crate) enum Decoded<R: BufRead> {
+    /// Gzip (`1f 8b`); several members are read as one stream.
+    Gzip(flate2::read::MultiGzDecoder<R>),
+    /// Zstandard (`28 b5 2f fd`).
+    Zstd(zstd::stream::read::Decoder<'static, R>),
+    /// Anything else: read as it is.
+    Plain(R),
 }
 
-fn detect(magic: &[u8]) -> Compression {
-    if magic.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
+/// Detects the compression of `reader` from its first bytes and wraps it in the decoder.
+pub(crate) fn decompress<R: Read>(reader: R) -> Result<Decoded<BufReader<R>>> {
+    let mut reader = BufReader::with_capacity(IO_BUF, reader);
+    let magic = reader.fill_buf().map_err(bad_archive)?;
+    Ok(if magic.starts_with(&[0x1f, 0x8b]) {
+        Decoded::Gzip(flate2::read::MultiGzDecoder::new(reader))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
+        Decoded::Zstd(zstd::stream::read::Decoder::with_buffer(reader).map_err(bad_archive)?)
     } else {
-        Compression::Plain
+        Decoded::Plain(reader)
+    })
+}
+
+impl<R: BufRead> Read for Decoded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoded::Gzip(r) => r.read(buf),
+            Decoded::Zstd(r) => r.read(buf),
+            Decoded::Plain(r) => r.read(buf),
+        }
     }
 }
 
@@ -152,7 +183,7 @@ struct Extractor {
     buf: Vec<u8>,
 }
 
-fn unsafe_entry(entry: &str, reason: impl Into<String>) -> Error {
+pub(crate) fn unsafe_entry(entry: &str, reason: impl Into<String>) -> Error {
     Error::Unsafe {
         entry: entry.to_owned(),
         reason: reason.into(),
@@ -163,14 +194,14 @@ fn unsafe_entry(entry: &str, reason: impl Into<String>) -> Error {
     clippy::needless_pass_by_value,
     reason = "used as `map_err(bad_archive)`"
 )]
-fn bad_archive(e: io::Error) -> Error {
+pub(crate) fn bad_archive(e: io::Error) -> Error {
     Error::BadArchive {
         detail: e.to_string(),
     }
 }
 
 /// Normalises a member name lexically into a relative path (empty for the root itself).
-fn member_path(raw: &[u8], name: &str) -> Result<PathBuf> {
+pub(crate) fn member_path(raw: &[u8], name: &str) -> Result<PathBuf> {
     if raw.starts_with(b"/") {
         return Err(unsafe_entry(
             name,
@@ -197,7 +228,7 @@ fn member_path(raw: &[u8], name: &str) -> Result<PathBuf> {
 
 /// True when a relative symlink target, resolved from `link_dir_depth` directories below the
 /// root, climbs above the root.
-fn target_escapes(target: &[u8], link_dir_depth: usize) -> bool {
+pub(crate) fn target_escapes(target: &[u8], link_dir_depth: usize) -> bool {
     if target.starts_with(b"/") {
         return false;
     }
@@ -240,17 +271,7 @@ impl Extractor {
         self.members.clear();
         self.touched.clear();
         self.checked_parent = None;
-        let mut reader = BufReader::with_capacity(IO_BUF, reader);
-        let kind = detect(reader.fill_buf().map_err(bad_archive)?);
-        match kind {
-            Compression::Gzip => self.entries(flate2::read::MultiGzDecoder::new(reader)),
-            Compression::Zstd => {
-                let decoder =
-                    zstd::stream::read::Decoder::with_buffer(reader).map_err(bad_archive)?;
-                self.entries(decoder)
-            }
-            Compression::Plain => self.entries(reader),
-        }
+        self.entries(decompress(reader)?)
     }
 
     fn entries(&mut self, reader: impl Read) -> Result<()> {
