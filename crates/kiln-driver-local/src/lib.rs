@@ -41,6 +41,20 @@
 //! chroot fallback mounts nothing: the app gets no `/dev` or `/proc` unless the image ships
 //! them.
 //!
+//! # Observing
+//!
+//! [`Driver::observe`] reads what the app really runs from `/proc`, never from the record:
+//! its environment (`/proc/<pid>/environ`, what it was executed with), its command line, and whether its root (`stat` of `/proc/<pid>/root`) is
+//! still the very directory (`st_dev`, `st_ino`) at the recorded rootfs path. The app is, under
+//! bubblewrap, the oldest process of the sandbox's pid namespace besides bubblewrap's init
+//! (the process bubblewrap executed; its children are younger), under `chroot` the leader. It
+//! is named by pid and start time like every process here: what was read counts only if that
+//! very process still runs afterwards. Until the app is executed (bubblewrap still setting up,
+//! for a few milliseconds after `start`) `observe` waits briefly, then fails retryably. An
+//! image composed on a tmpfs root ([`RootMount::Composed`]) has no single root directory, so
+//! whether it is the rootfs cannot be told (`None`). The environment holds what the sandbox
+//! adds: bubblewrap sets `PWD` (the workdir), and a shell in the image may export more.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use std::time::Duration;
@@ -63,16 +77,17 @@
 //! ```
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kiln_core::clock::Clock;
-use kiln_driver::{Driver, DriverError, Handle, InstanceSpec, Status};
+use kiln_driver::{Driver, DriverError, Handle, InstanceSpec, Observed, Status};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
@@ -80,7 +95,7 @@ mod procfs;
 mod record;
 mod sandbox;
 
-pub use record::{NsInit, Proc, Record, SandboxKind};
+pub use record::{NsInit, Proc, Record, RootMount, SandboxKind};
 pub use sandbox::Sandbox;
 
 const NAME: &str = "local";
@@ -94,6 +109,8 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long `status` and `stop` wait for the reaper thread to collect an exit it is about to
 /// see.
 const REAP_WAIT: Duration = Duration::from_secs(2);
+/// How long `observe` waits for a starting instance's app to be executed.
+const EXEC_WAIT: Duration = Duration::from_secs(2);
 
 /// The local runtime driver. See the [crate docs](crate).
 pub struct LocalDriver {
@@ -234,7 +251,7 @@ impl LocalDriver {
 
     fn spawn(&self, spec: &InstanceSpec, sandbox: &Sandbox) -> Result<Record, DriverError> {
         let rt = |e: io::Error| DriverError::runtime("start", &spec.id, e);
-        let mut cmd = sandbox.command(spec)?;
+        let (mut cmd, root) = sandbox.command(spec)?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -289,6 +306,7 @@ impl LocalDriver {
             leader,
             init: None,
             started_at: humantime::format_rfc3339_seconds(self.clock.now()).to_string(),
+            root: Some(root),
         };
         if let Err(e) = provisional.write(&self.runtime_dir) {
             let _ = child.kill();
@@ -400,6 +418,107 @@ fn resolved_init(record: &Record) -> Option<NsInit> {
     }
 }
 
+/// The app of a running instance, with the sandbox's init under bubblewrap: the oldest process
+/// in the init's pid namespace besides the init (of two started in the same clock tick, the
+/// init's child); under chroot the leader. `None` while bubblewrap is still setting up.
+fn app_of(record: &Record) -> Option<(Proc, Option<NsInit>)> {
+    match record.sandbox {
+        SandboxKind::Chroot => Some((record.leader, None)),
+        SandboxKind::Bubblewrap => {
+            let init = resolved_init(record).filter(|i| i.proc.alive())?;
+            let app = procfs::find(|pid, _| pid != init.proc.pid)
+                .into_iter()
+                .filter(|(pid, _)| procfs::pid_ns(*pid).as_deref() == Some(init.ns.as_str()))
+                .min_by_key(|(pid, s)| (s.start, s.ppid != init.proc.pid, *pid))
+                .map(|(pid, s)| Proc {
+                    pid,
+                    start: s.start,
+                })?;
+            Some((app, Some(init)))
+        }
+    }
+}
+
+/// Whether `args` are still those of the sandbox launching the app rather than the app's:
+/// under bubblewrap the app is forked from bubblewrap's init and shows its command line until
+/// it execs; under chroot the leader is `chroot ROOTFS …`, then the shell that changes to the
+/// workdir, before it is the app.
+fn still_launching(record: &Record, init: Option<&NsInit>, args: &[String]) -> bool {
+    match init {
+        Some(init) => procfs::cmdline(init.proc.pid).is_ok_and(|own| own == args),
+        None => {
+            let chroot = args
+                .first()
+                .is_some_and(|a| Path::new(a).file_name() == Some(OsStr::new("chroot")))
+                && args
+                    .iter()
+                    .skip(1)
+                    .take(2)
+                    .any(|a| Path::new(a) == record.rootfs);
+            let cd = args.len() > 2
+                && args[0] == "/bin/sh"
+                && args[1] == "-c"
+                && args[2] == sandbox::CHROOT_CD;
+            chroot || cd
+        }
+    }
+}
+
+/// Whether the root of process `pid` is the directory now at the record's rootfs path. `None`
+/// when it cannot be told: a composed (tmpfs) root, no permission to look, or — for a record
+/// from before kiln recorded how the root was mounted — a mismatch, which may be a composed
+/// root. A rootfs path where nothing is any more is `Some(false)`.
+fn root_is_rootfs(record: &Record, pid: i32) -> Option<bool> {
+    if record.root == Some(RootMount::Composed) {
+        return None;
+    }
+    let app_root = procfs::root_id(pid).ok()?;
+    let same = match procfs::file_id(&record.rootfs) {
+        Ok(id) => id == app_root,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(_) => return None,
+    };
+    (same || record.root.is_some()).then_some(same)
+}
+
+/// One look at a running instance's app; `None` when it should be looked at again (the app
+/// not executed yet, or it changed while being read).
+fn observe_once(record: &Record) -> Result<Option<Observed>, DriverError> {
+    let Some((app, init)) = app_of(record) else {
+        return Ok(None);
+    };
+    // The command line is read before and after the environment: an app that exec'd in
+    // between may have shown the launcher's environment.
+    let before = procfs::cmdline(app.pid);
+    let (env, args) = match (procfs::environ(app.pid), procfs::cmdline(app.pid)) {
+        (Ok(env), Ok(args)) => (env, args),
+        (Err(_), _) | (_, Err(_)) if !app.alive() => return Ok(None),
+        (Err(e), _) | (_, Err(e)) => {
+            let e = io::Error::new(e.kind(), format!("read /proc/{} of the app: {e}", app.pid));
+            return Err(DriverError::runtime("observe", &record.id, e));
+        }
+    };
+    if still_launching(record, init.as_ref(), &args) {
+        return Ok(None);
+    }
+    if before.ok().as_ref() != Some(&args) {
+        return Ok(None);
+    }
+    let root_is_rootfs = root_is_rootfs(record, app.pid);
+    // What was read is the app's only if that very process still runs: a pid is reused only
+    // once its process is gone.
+    if !app.alive() {
+        return Ok(None);
+    }
+    Ok(Some(Observed {
+        env,
+        args,
+        rootfs: Some(record.rootfs.clone()),
+        root_is_rootfs,
+        pid: Some(app.pid),
+    }))
+}
+
 /// Sends `signal` to the whole instance. SIGTERM goes to each of its processes; SIGKILL to
 /// the namespace init (the kernel then kills the rest) and bubblewrap's monitor, or to the
 /// process group under chroot.
@@ -493,6 +612,39 @@ impl Driver for LocalDriver {
         Ok(Status::Gone)
     }
 
+    fn observe(&self, handle: &Handle) -> Result<Observed, DriverError> {
+        let record = Self::record(handle)?;
+        let not_running = || DriverError::NotRunning {
+            id: record.id.clone(),
+        };
+        let tries = EXEC_WAIT.as_millis().div_ceil(POLL.as_millis()).max(1);
+        for _ in 0..tries {
+            // As for `status`: the leader lives exactly as long as the app.
+            if !record.leader.alive() {
+                return Err(not_running());
+            }
+            if let Some(seen) = observe_once(&record)? {
+                return Ok(seen);
+            }
+            std::thread::sleep(POLL);
+        }
+        if !record.leader.alive() {
+            return Err(not_running());
+        }
+        Err(DriverError::Runtime {
+            op: "observe",
+            id: record.id.clone(),
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the app was not executed within {}: the sandbox is still setting up",
+                    humantime::format_duration(EXEC_WAIT)
+                ),
+            ),
+            retryable: true,
+        })
+    }
+
     fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), DriverError> {
         let mut record = Self::record(handle)?;
         let err = |e: io::Error, retryable| DriverError::Runtime {
@@ -546,5 +698,67 @@ impl Driver for LocalDriver {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(sandbox: SandboxKind) -> Record {
+        Record {
+            version: record::VERSION,
+            id: "web-v1-a".into(),
+            service: "web".into(),
+            release: 1,
+            port: 41000,
+            program: "/app/web".into(),
+            rootfs: "/images/web".into(),
+            log_path: "/dev/null".into(),
+            sandbox,
+            leader: Proc { pid: 1, start: 1 },
+            init: None,
+            started_at: "2025-01-01T00:00:00Z".into(),
+            root: Some(RootMount::Rootfs),
+        }
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn tells_a_launching_sandbox_from_the_app() {
+        // bubblewrap: the app still shows its init's (bubblewrap's) command line. This test
+        // process plays the init.
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let init = NsInit {
+            proc: Proc {
+                pid: me,
+                start: procfs::stat(me).expect("stat").start,
+            },
+            ns: procfs::pid_ns(me).expect("ns"),
+        };
+        let own = procfs::cmdline(me).expect("cmdline");
+        let bwrap = record(SandboxKind::Bubblewrap);
+        assert!(still_launching(&bwrap, Some(&init), &own));
+        assert!(!still_launching(&bwrap, Some(&init), &args(&["/app/web"])));
+
+        let chroot = record(SandboxKind::Chroot);
+        for launching in [
+            args(&["/usr/sbin/chroot", "/images/web", "/app/web"]),
+            args(&["chroot", "--userspec=1:1", "/images/web", "/app/web"]),
+            args(&["/bin/sh", "-c", sandbox::CHROOT_CD, "/srv", "/app/web"]),
+        ] {
+            assert!(still_launching(&chroot, None, &launching), "{launching:?}");
+        }
+        for app in [
+            args(&["/app/web", "/images/web"]),
+            args(&["/bin/sh", "-c", "echo hi"]),
+            args(&["/usr/sbin/chroot", "/elsewhere", "/x"]),
+            Vec::new(),
+        ] {
+            assert!(!still_launching(&chroot, None, &app), "{app:?}");
+        }
     }
 }

@@ -1,8 +1,13 @@
 //! What the driver reads from `/proc`: process state, parent, group, start time, pid
-//! namespace. A pid alone is not an identity (pids are reused), so every check pairs it with
-//! the start time recorded when the instance started.
+//! namespace; and for `observe`, a process's environment, command line and root directory.
+//! A pid alone is not an identity (pids are reused), so every check pairs it with the start
+//! time recorded when the instance started.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 /// The fields of `/proc/<pid>/stat` the driver uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +66,57 @@ pub(crate) fn effective_uid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// The environment of `pid` as the kernel holds it (`/proc/<pid>/environ`): what the process
+/// was executed with, not later `setenv`s. Needs the right to ptrace it (same user, or root).
+pub(crate) fn environ(pid: i32) -> io::Result<BTreeMap<String, String>> {
+    fs::read(format!("/proc/{pid}/environ")).map(|bytes| parse_environ(&bytes))
+}
+
+/// Parses NUL-separated `K=V` entries. Bytes that are not UTF-8 are replaced (`U+FFFD`); an
+/// entry without `=` is a key with an empty value; of a key given twice the first wins, as
+/// for `getenv`.
+pub(crate) fn parse_environ(bytes: &[u8]) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for entry in bytes.split(|b| *b == 0).filter(|e| !e.is_empty()) {
+        let entry = String::from_utf8_lossy(entry);
+        let (key, value) = entry.split_once('=').unwrap_or((&entry, ""));
+        env.entry(key.to_owned())
+            .or_insert_with(|| value.to_owned());
+    }
+    env
+}
+
+/// The command line of `pid` now (`/proc/<pid>/cmdline`).
+pub(crate) fn cmdline(pid: i32) -> io::Result<Vec<String>> {
+    fs::read(format!("/proc/{pid}/cmdline")).map(|bytes| parse_cmdline(&bytes))
+}
+
+/// Parses NUL-terminated arguments; bytes that are not UTF-8 are replaced (`U+FFFD`). A
+/// process that rewrote its command line as one string (`setproctitle`) has one argument.
+pub(crate) fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// `(st_dev, st_ino)` of the root directory of `pid`: `stat` follows the magic link
+/// `/proc/<pid>/root` into the process's mount namespace, so a bind mount shows the identity
+/// of the directory it binds.
+pub(crate) fn root_id(pid: i32) -> io::Result<(u64, u64)> {
+    file_id(Path::new(&format!("/proc/{pid}/root")))
+}
+
+/// `(st_dev, st_ino)` of `path`, following symlinks.
+pub(crate) fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    let md = fs::metadata(path)?;
+    Ok((md.dev(), md.ino()))
+}
+
 /// Every pid on the host (of this pid namespace), in no particular order.
 pub(crate) fn pids() -> Vec<i32> {
     let Ok(dir) = fs::read_dir("/proc") else {
@@ -103,6 +159,37 @@ mod tests {
     }
 
     #[test]
+    fn parses_environ() {
+        let env = parse_environ(b"A=1\0B=x=y z\0EMPTY=\0NOVALUE\0A=2\0\0C=\xff\0");
+        let want: BTreeMap<String, String> = [
+            ("A", "1"),
+            ("B", "x=y z"),
+            ("EMPTY", ""),
+            ("NOVALUE", ""),
+            ("C", "\u{fffd}"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(env, want);
+        assert!(parse_environ(b"").is_empty());
+    }
+
+    #[test]
+    fn parses_cmdline() {
+        assert_eq!(
+            parse_cmdline(b"/bin/sh\0-c\0echo a  b\0\0"),
+            ["/bin/sh", "-c", "echo a  b", ""]
+        );
+        assert_eq!(
+            parse_cmdline(b"nginx: master process\0"),
+            ["nginx: master process"]
+        );
+        assert_eq!(parse_cmdline(b"rewritten title"), ["rewritten title"]);
+        assert!(parse_cmdline(b"").is_empty());
+    }
+
+    #[test]
     fn reads_this_process() {
         let me = i32::try_from(std::process::id()).expect("pid fits");
         let s = stat(me).expect("own stat");
@@ -114,5 +201,18 @@ mod tests {
         assert!(pid_ns(me).is_some_and(|ns| ns.starts_with("pid:[")));
         assert!(pids().contains(&me));
         assert!(effective_uid().is_some());
+        let env = environ(me).expect("own environ");
+        // cargo runs tests with CARGO set (in the environment we were executed with).
+        assert!(env.contains_key("CARGO"), "{:?}", env.keys());
+        let args = cmdline(me).expect("own cmdline");
+        assert_eq!(
+            args.first().map(Path::new).and_then(Path::file_name),
+            std::env::current_exe().expect("exe").file_name()
+        );
+        assert_eq!(
+            root_id(me).expect("own root"),
+            file_id(Path::new("/")).expect("/")
+        );
+        assert!(environ(i32::MAX).is_err());
     }
 }

@@ -23,6 +23,17 @@ pub enum SandboxKind {
     Chroot,
 }
 
+/// How the image root became the sandbox's `/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootMount {
+    /// `/` is the image root directory itself: bubblewrap's `--ro-bind ROOTFS /`, or `chroot`.
+    Rootfs,
+    /// `/` is a tmpfs holding read-only binds of the image's top-level entries (images without
+    /// `/dev`, `/proc`, `/tmp` and `/run`), so it is not the image directory.
+    Composed,
+}
+
 /// A process identified by pid and start time (field 22 of `/proc/<pid>/stat`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proc {
@@ -80,6 +91,9 @@ pub struct Record {
     pub init: Option<NsInit>,
     /// When it started (RFC 3339, from kiln's clock).
     pub started_at: String,
+    /// How the image root was mounted; `None` in records written before kiln recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<RootMount>,
 }
 
 impl Record {
@@ -184,6 +198,7 @@ mod tests {
                 ns: "pid:[4026532178]".into(),
             }),
             started_at: "2025-01-01T00:00:00Z".into(),
+            root: Some(RootMount::Composed),
         }
     }
 
@@ -216,8 +231,21 @@ mod tests {
             serde_json::json!({"pid": 1236, "start": 100, "ns": "pid:[4026532178]"})
         );
         assert_eq!(json["sandbox"], "bubblewrap");
-        let back: Record = serde_json::from_value(json).expect("round trip");
+        assert_eq!(json["root"], "composed");
+        let back: Record = serde_json::from_value(json.clone()).expect("round trip");
         assert_eq!(back, sample("x"));
+        // A record (and a handle kept in kiln's state) from before `root` was recorded.
+        let mut old = json;
+        old.as_object_mut().expect("object").remove("root");
+        let back: Record = serde_json::from_value(old).expect("an older record");
+        assert_eq!(back.root, None);
+        assert!(
+            serde_json::to_value(&back)
+                .expect("json")
+                .get("root")
+                .is_none(),
+            "written back unchanged"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use kiln_driver::{DriverError, InstanceSpec};
 
-use crate::record::SandboxKind;
+use crate::record::{RootMount, SandboxKind};
 
 /// How instances are sandboxed on this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +33,9 @@ pub enum Sandbox {
 
 /// Where the kernel's pseudo file systems and scratch space are mounted in every sandbox.
 const MOUNT_POINTS: [&str; 4] = ["dev", "proc", "tmp", "run"];
+
+/// The script that changes to the workdir under `chroot`, then execs the app.
+pub(crate) const CHROOT_CD: &str = "cd \"$0\" && exec \"$@\"";
 
 /// The `PATH` `execvp` uses when the environment has none (glibc's default).
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
@@ -64,17 +67,19 @@ impl Sandbox {
         }
     }
 
-    /// The command that runs `spec`, without stdio. Checks the spec against the image first.
-    pub(crate) fn command(&self, spec: &InstanceSpec) -> Result<Command, DriverError> {
+    /// The command that runs `spec`, without stdio, and how it mounts the image root. Checks
+    /// the spec against the image first.
+    pub(crate) fn command(&self, spec: &InstanceSpec) -> Result<(Command, RootMount), DriverError> {
         check_image(spec)?;
         match self {
             Self::Bubblewrap { bwrap, as_root } => {
+                let root = root_mount(&spec.rootfs);
                 let mut cmd = Command::new(bwrap);
-                cmd.args(bwrap_args(spec, *as_root).map_err(|e| bad(spec, &e))?);
+                cmd.args(bwrap_args(spec, *as_root, root).map_err(|e| bad(spec, &e))?);
                 // Not the app's environment (bwrap clears that), but bwrap's own, so that
                 // /proc/<pid>/environ names the instance.
                 cmd.env_clear().env("KILN_INSTANCE_ID", &spec.id);
-                Ok(cmd)
+                Ok((cmd, root))
             }
             Self::Chroot { chroot } => {
                 let mut cmd = Command::new(chroot);
@@ -91,11 +96,11 @@ impl Sandbox {
                              bubblewrap, found none (install bubblewrap)",
                         ));
                     }
-                    cmd.args(["/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", &spec.workdir]);
+                    cmd.args(["/bin/sh", "-c", CHROOT_CD, &spec.workdir]);
                 }
                 cmd.args(&spec.args);
                 cmd.env_clear().envs(&spec.env);
-                Ok(cmd)
+                Ok((cmd, RootMount::Rootfs))
             }
         }
     }
@@ -108,20 +113,34 @@ fn bad(spec: &InstanceSpec, reason: &str) -> DriverError {
     }
 }
 
-/// bubblewrap's arguments for `spec`.
-///
-/// The image root is bound read-only at `/` when it has the usual mount points (`/dev`,
-/// `/proc`, `/tmp`, `/run`); otherwise (a `scratch` image) `/` is a tmpfs holding read-only
-/// binds of the image's top-level entries, remounted read-only once the mount points are made.
-/// Either way the app can write only to `/tmp` and `/run` (fresh tmpfs each).
-pub(crate) fn bwrap_args(spec: &InstanceSpec, as_root: bool) -> Result<Vec<OsString>, String> {
-    let mut a: Vec<OsString> = Vec::new();
-    let mut push = |args: &[&OsStr]| a.extend(args.iter().map(|s| s.to_os_string()));
+/// How bubblewrap mounts the image at `rootfs`: bound read-only at `/` when it has the usual
+/// mount points (`/dev`, `/proc`, `/tmp`, `/run`), else composed on a tmpfs.
+pub(crate) fn root_mount(rootfs: &Path) -> RootMount {
     let has_mount_points = MOUNT_POINTS
         .iter()
-        .all(|m| fs::symlink_metadata(spec.rootfs.join(m)).is_ok_and(|md| md.is_dir()));
-    let composed = !has_mount_points;
+        .all(|m| fs::symlink_metadata(rootfs.join(m)).is_ok_and(|md| md.is_dir()));
     if has_mount_points {
+        RootMount::Rootfs
+    } else {
+        RootMount::Composed
+    }
+}
+
+/// bubblewrap's arguments for `spec`, mounting its root as `root` says ([`root_mount`]).
+///
+/// [`RootMount::Rootfs`]: the image root is bound read-only at `/`. [`RootMount::Composed`]
+/// (a `scratch` image): `/` is a tmpfs holding read-only binds of the image's top-level
+/// entries, remounted read-only once the mount points are made. Either way the app can write
+/// only to `/tmp` and `/run` (fresh tmpfs each).
+pub(crate) fn bwrap_args(
+    spec: &InstanceSpec,
+    as_root: bool,
+    root: RootMount,
+) -> Result<Vec<OsString>, String> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |args: &[&OsStr]| a.extend(args.iter().map(|s| s.to_os_string()));
+    let composed = root == RootMount::Composed;
+    if !composed {
         push(&["--ro-bind".as_ref(), spec.rootfs.as_os_str(), "/".as_ref()]);
     } else {
         let mut entries: Vec<_> = fs::read_dir(&spec.rootfs)
@@ -352,7 +371,8 @@ mod tests {
             uid: 1000,
             gid: 100,
         });
-        let got = text(&bwrap_args(&s, true).expect("args"));
+        assert_eq!(root_mount(dir.path()), RootMount::Rootfs);
+        let got = text(&bwrap_args(&s, true, RootMount::Rootfs).expect("args"));
         let root = dir.path().display();
         assert_eq!(
             got,
@@ -372,7 +392,8 @@ mod tests {
         fs::create_dir(dir.path().join("app")).expect("mkdir");
         fs::write(dir.path().join("config"), "").expect("file");
         symlink("app", dir.path().join("bin")).expect("link");
-        let got = text(&bwrap_args(&spec(dir.path()), false).expect("args"));
+        assert_eq!(root_mount(dir.path()), RootMount::Composed);
+        let got = text(&bwrap_args(&spec(dir.path()), false, RootMount::Composed).expect("args"));
         let root = dir.path().display();
         assert!(
             got.starts_with(&format!(

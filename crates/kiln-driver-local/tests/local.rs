@@ -11,8 +11,10 @@ use std::time::Duration;
 use common::{Scratch, assert_no_process_left, bubblewrap, pgrep, record};
 use kiln_core::clock::SystemClock;
 use kiln_driver::conformance::{GRACE, poll, wait_http, wait_not_running};
-use kiln_driver::{Driver, DriverError, Fault, Handle, InstanceSpec, Status, User, free_port};
-use kiln_driver_local::{LocalDriver, Proc, Record, SandboxKind};
+use kiln_driver::{
+    Driver, DriverError, Fault, Handle, InstanceSpec, Observed, Status, User, free_port,
+};
+use kiln_driver_local::{LocalDriver, Proc, Record, RootMount, Sandbox, SandboxKind};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
@@ -246,13 +248,10 @@ fn pids_with_parent(ppid: i32) -> Vec<i32> {
 
 #[test]
 fn stop_kills_every_process_of_the_instance() {
-    for sandbox in [
-        Some(bubblewrap()),
-        kiln_driver_local::Sandbox::chroot_fallback(),
-    ] {
+    for sandbox in [Some(bubblewrap()), Sandbox::chroot_fallback()] {
         let Some(sandbox) = sandbox else { continue };
         let scratch = Scratch::new(true);
-        if let kiln_driver_local::Sandbox::Chroot { .. } = sandbox {
+        if let Sandbox::Chroot { .. } = sandbox {
             // Nothing mounts /dev under chroot, and the shell's `&` needs /dev/null.
             let null = scratch.rootfs().join("dev/null");
             let made = Command::new("mknod")
@@ -371,6 +370,7 @@ fn running_forgets_records_of_gone_instances() {
         },
         init: None,
         started_at: "2025-01-01T00:00:00Z".into(),
+        root: None,
     };
     fs::create_dir_all(scratch.run_dir()).expect("run dir");
     fs::write(
@@ -428,6 +428,214 @@ fn clear_errors_for_what_cannot_run() {
     };
     assert_eq!(
         driver.status(&foreign).expect_err("foreign").fault(),
+        Fault::Internal
+    );
+}
+
+/// `observe`, asked again while the driver says the instance is still being set up.
+fn observe(driver: &dyn Driver, handle: &Handle) -> Observed {
+    poll("observe", || match driver.observe(handle) {
+        Ok(seen) => Some(seen),
+        Err(e) if e.is_retryable() => None,
+        Err(e) => panic!("observe {}: {e}", handle.id),
+    })
+}
+
+/// The start time of `pid` (field 22 of its stat).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// bubblewrap, and the chroot fallback when this process is root.
+fn sandboxes() -> Vec<Sandbox> {
+    let mut out = vec![bubblewrap()];
+    out.extend(Sandbox::chroot_fallback());
+    out
+}
+
+#[test]
+fn observe_tells_when_the_rootfs_directory_was_replaced() {
+    for sandbox in sandboxes() {
+        let scratch = Scratch::new(true);
+        let driver = scratch.driver(Some(sandbox.clone()));
+        let app = spec(&scratch, "swap", &["/app/start"]).with_env("DB_PASSWORD", "hunter2");
+        let handle = driver.start(&app).expect("start");
+        let _started = Started(&driver, vec![handle.clone()]);
+        assert_eq!(record(&handle).root, Some(RootMount::Rootfs));
+        wait_http(app.port, "/");
+        let seen = observe(&driver, &handle);
+        assert_eq!(seen.root_is_rootfs, Some(true), "{sandbox:?}: {seen:?}");
+        assert_eq!(seen.rootfs.as_deref(), Some(scratch.rootfs().as_path()));
+        assert_eq!(
+            seen.env.get("DB_PASSWORD").map(String::as_str),
+            Some("hunter2")
+        );
+        // The app is nc, which /app/start exec'd; its pid is a live process of the host.
+        assert_eq!(
+            seen.args.first().map(String::as_str),
+            Some("nc"),
+            "{seen:?}"
+        );
+        let pid = seen.pid.expect("a pid");
+        assert!(start_time(pid).is_some(), "pid {pid} runs");
+        // Debug never shows environment values.
+        let text = format!("{seen:?}");
+        assert!(text.contains("DB_PASSWORD"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+
+        // The directory moved aside: nothing is at the path any more.
+        let aside = scratch.dir.path().join("rootfs-aside");
+        fs::rename(scratch.rootfs(), &aside).expect("rename the rootfs aside");
+        let seen = observe(&driver, &handle);
+        assert_eq!(seen.root_is_rootfs, Some(false), "{sandbox:?}: {seen:?}");
+        // Another directory at the same path is not the instance's root either.
+        common::busybox_rootfs(&scratch.rootfs(), true);
+        let seen = observe(&driver, &handle);
+        assert_eq!(seen.root_is_rootfs, Some(false), "{sandbox:?}: {seen:?}");
+        // It is the directory that counts, not its path: put back, it is the root again.
+        fs::rename(scratch.rootfs(), scratch.dir.path().join("rootfs-new")).expect("rename");
+        fs::rename(&aside, scratch.rootfs()).expect("rename back");
+        let seen = observe(&driver, &handle);
+        assert_eq!(seen.root_is_rootfs, Some(true), "{sandbox:?}: {seen:?}");
+        // Observing changed nothing.
+        assert_eq!(wait_http(app.port, "/").0, 200);
+    }
+}
+
+#[test]
+fn observe_cannot_tell_the_root_of_a_composed_image() {
+    let scratch = Scratch::new(false);
+    let driver = scratch.driver(Some(bubblewrap()));
+    let app = spec(&scratch, "composed", &["/app/start"]);
+    let handle = driver.start(&app).expect("start");
+    let _started = Started(&driver, vec![handle.clone()]);
+    assert_eq!(record(&handle).root, Some(RootMount::Composed));
+    wait_http(app.port, "/");
+    let seen = observe(&driver, &handle);
+    assert_eq!(seen.root_is_rootfs, None, "{seen:?}");
+    assert_eq!(seen.env.get("KILN_INSTANCE_ID"), Some(&app.id), "{seen:?}");
+    // A handle from before kiln recorded the mount tells only a match, never a mismatch.
+    let mut old = handle;
+    old.data.as_object_mut().expect("object").remove("root");
+    assert_eq!(observe(&driver, &old).root_is_rootfs, None);
+}
+
+#[test]
+fn observe_finds_the_app_not_its_children_nor_bubblewrap() {
+    let scratch = Scratch::new(true);
+    let driver = scratch.driver(Some(bubblewrap()));
+    let script = "sleep 3600 & setsid sleep 3601 & exec /app/start";
+    let app = spec(&scratch, "kids", &["/bin/sh", "-c", script]);
+    let handle = driver.start(&app).expect("start");
+    let _started = Started(&driver, vec![handle.clone()]);
+    wait_http(app.port, "/");
+    let rec = record(&handle);
+    let init = rec.init.clone().expect("a namespace init");
+    let seen = observe(&driver, &handle);
+    assert_eq!(
+        seen.args.first().map(String::as_str),
+        Some("nc"),
+        "{seen:?}"
+    );
+    let pid = seen.pid.expect("pid");
+    assert_ne!(pid, init.proc.pid);
+    assert_ne!(pid, rec.leader.pid);
+    let ppid = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        });
+    assert_eq!(ppid, Some(init.proc.pid), "the app is the init's child");
+    // bubblewrap runs without the app's environment; the app has exactly the spec's and what
+    // the sandbox adds (bubblewrap's PWD; busybox sh may export more, never a value of ours
+    // changed).
+    for (k, v) in &app.env {
+        assert_eq!(seen.env.get(k), Some(v), "{seen:?}");
+    }
+    assert_eq!(
+        seen.env.get("PWD").map(String::as_str),
+        Some("/"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn observe_right_after_start_sees_the_app_not_the_sandbox_being_set_up() {
+    let scratch = Scratch::new(true);
+    for sandbox in sandboxes() {
+        let driver = scratch.driver(Some(sandbox.clone()));
+        for i in 0..5 {
+            let app = spec(&scratch, &format!("early{i}"), &["/app/start"]);
+            let handle = driver.start(&app).expect("start");
+            let _started = Started(&driver, vec![handle.clone()]);
+            let seen = observe(&driver, &handle);
+            assert_eq!(
+                seen.env.get("PORT"),
+                app.env.get("PORT"),
+                "{sandbox:?}: {seen:?}"
+            );
+            let first = seen.args.first().map(String::as_str).unwrap_or_default();
+            assert!(
+                !first.ends_with("bwrap") && !first.ends_with("chroot"),
+                "{sandbox:?}: {seen:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn observe_works_for_an_image_user() {
+    let scratch = Scratch::new(true);
+    let driver = scratch.driver(Some(bubblewrap()));
+    let mut app = spec(&scratch, "user", &["/app/start"]);
+    app.user = Some(User {
+        uid: 1000,
+        gid: 1001,
+    });
+    let handle = driver.start(&app).expect("start");
+    let _started = Started(&driver, vec![handle.clone()]);
+    wait_http(app.port, "/");
+    let seen = observe(&driver, &handle);
+    assert_eq!(seen.env.get("KILN_INSTANCE_ID"), Some(&app.id), "{seen:?}");
+    assert_eq!(seen.root_is_rootfs, Some(true), "{seen:?}");
+}
+
+#[test]
+fn observe_errors_once_the_app_is_gone() {
+    let scratch = Scratch::new(true);
+    let driver = scratch.driver(Some(bubblewrap()));
+    // The app exits; a child it left behind keeps the sandbox alive.
+    let app = spec(
+        &scratch,
+        "gone",
+        &["/bin/sh", "-c", "sleep 3600 & echo ready; sleep 0.2"],
+    );
+    let handle = driver.start(&app).expect("start");
+    let _started = Started(&driver, vec![handle.clone()]);
+    match wait_not_running(&driver, &handle) {
+        Status::Exited { .. } => {}
+        other => panic!("expected Exited, found {other:?}"),
+    }
+    let err = driver.observe(&handle).expect_err("the app exited");
+    assert!(matches!(err, DriverError::NotRunning { .. }), "{err}");
+    assert!(err.to_string().contains(&app.id), "{err}");
+    let foreign = Handle {
+        id: "x".into(),
+        data: serde_json::json!({"driver": "fake"}),
+    };
+    assert_eq!(
+        driver.observe(&foreign).expect_err("foreign").fault(),
         Fault::Internal
     );
 }

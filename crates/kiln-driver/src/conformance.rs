@@ -24,7 +24,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Driver, Handle, InstanceSpec, Status, free_port};
+use crate::{Driver, DriverError, Handle, InstanceSpec, Observed, Status, free_port};
 
 /// A program that exists in no image.
 pub const MISSING_PROGRAM: &str = "/kiln-missing/program";
@@ -125,6 +125,11 @@ macro_rules! conformance_tests {
         fn conformance_readoption() {
             let s: $crate::conformance::Setup = $setup;
             $crate::conformance::readoption(&*s.driver, &*s.reopen, &s.fixture);
+        }
+        #[test]
+        fn conformance_observe_reports_what_runs() {
+            let s: $crate::conformance::Setup = $setup;
+            $crate::conformance::observe_reports_what_runs(&*s.driver, &s.fixture);
         }
         #[test]
         fn conformance_missing_program() {
@@ -275,6 +280,75 @@ pub fn readoption(driver: &dyn Driver, reopen: &dyn Fn() -> Box<dyn Driver>, fix
     assert_ne!(status(driver, &handle), Status::Running);
     assert!(driver.running().expect("running()").is_empty());
     assert_port_closed(spec.port);
+}
+
+/// `observe` of a running instance reports the environment it was started with (every
+/// variable of the spec, same value; a value holding `=` and spaces intact), a command line,
+/// and — where the driver knows them — the spec's rootfs as the instance's root directory,
+/// which it still is. Once the instance is stopped, or has exited, `observe` fails with
+/// [`DriverError::NotRunning`].
+pub fn observe_reports_what_runs(driver: &dyn Driver, fixture: &Fixture) {
+    let mut guard = StopGuard::new(driver);
+    let spec = fixture
+        .spec("observe", 1)
+        .with_env("KILN_OBSERVE", "a=b c  d");
+    let handle = guard.start(&spec);
+    // Serving HTTP: the app runs, not whatever set it up.
+    wait_http(spec.port, "/");
+    let seen = observe(driver, &handle);
+    for (key, value) in &spec.env {
+        assert_eq!(
+            seen.env.get(key),
+            Some(value),
+            "{key} as observed differs from the spec: {seen:?}"
+        );
+    }
+    assert!(
+        seen.env.keys().all(|k| !k.starts_with("CARGO")),
+        "observed the host's environment, not the app's: {seen:?}"
+    );
+    assert!(!seen.args.is_empty(), "no command line: {seen:?}");
+    if let Some(rootfs) = &seen.rootfs {
+        assert_eq!(rootfs, &spec.rootfs, "{seen:?}");
+    }
+    assert_ne!(
+        seen.root_is_rootfs,
+        Some(false),
+        "an untouched instance runs from its rootfs: {seen:?}"
+    );
+    // Observing changes nothing.
+    assert_eq!(status(driver, &handle), Status::Running);
+    assert_eq!(wait_http(spec.port, "/").0, 200);
+
+    driver.stop(&handle, GRACE).expect("stop");
+    assert_not_running(driver.observe(&handle), &handle);
+
+    let exited = InstanceSpec {
+        args: fixture.exit_args.clone(),
+        ..fixture.spec("observe-exit", 1)
+    };
+    let handle = guard.start(&exited);
+    wait_not_running(driver, &handle);
+    assert_not_running(driver.observe(&handle), &handle);
+}
+
+fn observe(driver: &dyn Driver, handle: &Handle) -> Observed {
+    // A driver may ask to be asked again while an instance is still being set up.
+    poll(&format!("observe {}", handle.id), || {
+        match driver.observe(handle) {
+            Ok(seen) => Some(seen),
+            Err(e) if e.is_retryable() => None,
+            Err(e) => panic!("observe {}: {e}", handle.id),
+        }
+    })
+}
+
+fn assert_not_running(got: Result<Observed, DriverError>, handle: &Handle) {
+    match got {
+        Err(DriverError::NotRunning { id }) => assert_eq!(id, handle.id),
+        Err(e) => panic!("expected NotRunning for {}, found {e}", handle.id),
+        Ok(seen) => panic!("observed {} although it does not run: {seen:?}", handle.id),
+    }
 }
 
 /// Starting a program the image lacks fails, or reports an exit: it never hangs or runs.

@@ -7,7 +7,8 @@ use std::io;
 pub enum Fault {
     /// The instance spec or its image (a missing program, a bad id): fix the input.
     Spec,
-    /// The runtime or the host (no sandbox tool, a failed spawn, a full disk).
+    /// The runtime or the host (no sandbox tool, a failed spawn, a full disk), or the
+    /// instance itself is no longer there to act on ([`DriverError::NotRunning`]).
     Runtime,
     /// kiln itself: a handle this driver did not make. A bug, never retried.
     Internal,
@@ -45,6 +46,14 @@ pub enum DriverError {
         /// Whether the same call may succeed later (a busy port, a slow kernel).
         retryable: bool,
     },
+    /// The instance does not run (it exited, was stopped, or never existed), so there is
+    /// nothing to look at. [`Driver::status`](crate::Driver::status) tells which. Never
+    /// retryable: it will not run again by itself (kiln replaces, never restarts).
+    #[error("instance {id} is not running")]
+    NotRunning {
+        /// The instance id.
+        id: String,
+    },
     /// The handle was not made by this driver, or its data is damaged.
     #[error("handle for instance {id} is not a {driver} handle: {reason}")]
     BadHandle {
@@ -62,7 +71,9 @@ impl DriverError {
     pub fn fault(&self) -> Fault {
         match self {
             Self::InvalidSpec { .. } => Fault::Spec,
-            Self::Unavailable { .. } | Self::Runtime { .. } => Fault::Runtime,
+            Self::Unavailable { .. } | Self::Runtime { .. } | Self::NotRunning { .. } => {
+                Fault::Runtime
+            }
             Self::BadHandle { .. } => Fault::Internal,
         }
     }

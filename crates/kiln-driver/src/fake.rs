@@ -11,6 +11,11 @@
 //!   [`conformance`](crate::conformance) suite;
 //! - a release marked [`FakeControl::unhealthy`] answers `503` to everything.
 //!
+//! [`Driver::observe`] reports the spec the instance was started with (its env, args and
+//! rootfs; `root_is_rootfs: Some(true)`, no pid) until a test simulates drift with
+//! [`FakeControl::tamper_env`] or [`FakeControl::swap_root`]. [`FakeControl::start_stray`]
+//! runs an instance the engine never started, as an orphan left by someone else.
+//!
 //! The program in `args[0]` picks what runs: [`EXIT_PROGRAM`] `[CODE]` exits at once with
 //! `CODE` (default 0); a program under [`MISSING_PREFIX`] does not exist, so `start` fails; any
 //! other program is the HTTP server above.
@@ -28,9 +33,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use kiln_core::clock::Clock;
+use kiln_core::clock::{Clock, SystemClock};
 
-use crate::{Driver, DriverError, Handle, InstanceSpec, Status};
+use crate::{Driver, DriverError, Handle, InstanceSpec, Observed, Status};
 
 mod http;
 
@@ -65,7 +70,10 @@ struct State {
 #[derive(Debug)]
 struct Instance {
     release: u32,
-    started_at: SystemTime,
+    /// `None` for a stray: [`FakeControl::exit_after`] does not apply to it.
+    started_at: Option<SystemTime>,
+    /// What `observe` reports while it runs.
+    observed: Observed,
     /// `Some(code)` once it exited (`code` is `None` when killed).
     exited: Option<Option<i32>>,
     server: Option<Server>,
@@ -136,18 +144,55 @@ impl FakeControl {
         true
     }
 
-    /// Every spec started successfully so far, in order.
+    /// Every spec started successfully so far, in order (strays excepted).
     pub fn started(&self) -> Vec<InstanceSpec> {
         self.lock().started.clone()
     }
 
+    /// Drift: from now on instance `id` reports the environment variable `key` as `value`
+    /// (`None`: unset) in [`Driver::observe`] and on `/env`. Returns whether the instance
+    /// is known (started and not stopped).
+    pub fn tamper_env(&self, id: &str, key: &str, value: Option<&str>) -> bool {
+        let mut state = self.lock();
+        let Some(instance) = state.instances.get_mut(id) else {
+            return false;
+        };
+        let env = &mut instance.observed.env;
+        match value {
+            Some(value) => env.insert(key.to_owned(), value.to_owned()),
+            None => env.remove(key),
+        };
+        true
+    }
+
+    /// Drift: from now on instance `id` reports `root_is_rootfs: Some(is_rootfs)` (`false`:
+    /// its root is no longer the image directory it was started from). Returns whether the
+    /// instance is known.
+    pub fn swap_root(&self, id: &str, is_rootfs: bool) -> bool {
+        let mut state = self.lock();
+        let Some(instance) = state.instances.get_mut(id) else {
+            return false;
+        };
+        instance.observed.root_is_rootfs = Some(is_rootfs);
+        true
+    }
+
+    /// Runs an instance of `spec` that no driver started: it is not in
+    /// [`started`](Self::started), but every driver over this control lists it in
+    /// [`Driver::running`] and can observe and stop it, as a restarted server finds an orphan.
+    /// It runs like any other (failure injections at start excepted) and never exits by
+    /// [`exit_after`](Self::exit_after); [`kill`](Self::kill) ends it.
+    pub fn start_stray(&self, spec: &InstanceSpec) -> Result<Handle, DriverError> {
+        launch(self, Arc::new(SystemClock), None, spec)
+    }
+
     /// Marks `id` exited if its [`exit_after`](Self::exit_after) time has passed at `now`;
     /// returns the server to shut down (outside the lock) and the instance's state.
-    fn observe(&self, id: &str, now: SystemTime) -> (Option<Server>, Option<Option<i32>>, bool) {
+    fn refresh(&self, id: &str, now: SystemTime) -> (Option<Server>, Option<Option<i32>>, bool) {
         let mut state = self.lock();
         let deadline = state.instances.get(id).and_then(|i| {
             let after = state.exit_after.get(&i.release)?;
-            Some(i.started_at + *after)
+            Some(i.started_at? + *after)
         });
         let Some(instance) = state.instances.get_mut(id) else {
             return (None, None, false);
@@ -199,8 +244,8 @@ impl FakeDriver {
         }
     }
 
-    fn observe(&self, id: &str) -> (Option<Option<i32>>, bool) {
-        let (server, exited, known) = self.control.observe(id, self.clock.now());
+    fn refresh(&self, id: &str) -> (Option<Option<i32>>, bool) {
+        let (server, exited, known) = self.control.refresh(id, self.clock.now());
         if let Some(server) = server {
             server.shut_down();
         }
@@ -214,79 +259,37 @@ impl Driver for FakeDriver {
     }
 
     fn start(&self, spec: &InstanceSpec) -> Result<Handle, DriverError> {
-        spec.validate()?;
-        let program = spec.args[0].as_str();
-        if program.starts_with(MISSING_PREFIX) {
-            return Err(DriverError::InvalidSpec {
-                id: spec.id.clone(),
-                reason: format!("expected a program in the image, found no {program}"),
-            });
-        }
-        let exit_code = if program == EXIT_PROGRAM {
-            let code = spec.args.get(1).map_or(Ok(0), |c| c.parse::<i32>());
-            Some(code.map_err(|_| DriverError::InvalidSpec {
-                id: spec.id.clone(),
-                reason: format!("expected an exit code, found {:?}", spec.args[1]),
-            })?)
-        } else {
-            None
-        };
-        {
-            let state = self.control.lock();
-            if state.fail_start.contains(&spec.release) {
-                return Err(DriverError::Runtime {
-                    op: "start",
-                    id: spec.id.clone(),
-                    source: io::Error::other(format!(
-                        "injected start failure for release v{}",
-                        spec.release
-                    )),
-                    retryable: true,
-                });
-            }
-            if state.instances.contains_key(&spec.id) {
-                return Err(DriverError::InvalidSpec {
-                    id: spec.id.clone(),
-                    reason: "expected a new instance id, found one already started".to_owned(),
-                });
-            }
-        }
-        let log = open_log(spec).map_err(|e| DriverError::runtime("start", &spec.id, e))?;
-        let server = match exit_code {
-            Some(_) => None,
-            None => Some(
-                Server::start(spec, log, self.control.clone(), Arc::clone(&self.clock))
-                    .map_err(|e| DriverError::runtime("start", &spec.id, e))?,
-            ),
-        };
-        let mut state = self.control.lock();
-        state.started.push(spec.clone());
-        state.instances.insert(
-            spec.id.clone(),
-            Instance {
-                release: spec.release,
-                started_at: self.clock.now(),
-                exited: exit_code.map(Some),
-                server,
-            },
-        );
-        Ok(Handle {
-            id: spec.id.clone(),
-            data: serde_json::json!({
-                "driver": DRIVER_NAME,
-                "release": spec.release,
-                "port": spec.port,
-            }),
-        })
+        launch(
+            &self.control,
+            Arc::clone(&self.clock),
+            Some(self.clock.now()),
+            spec,
+        )
     }
 
     fn status(&self, handle: &Handle) -> Result<Status, DriverError> {
         Self::check_handle(handle)?;
-        Ok(match self.observe(&handle.id) {
+        Ok(match self.refresh(&handle.id) {
             (_, false) => Status::Gone,
             (Some(code), true) => Status::Exited { code },
             (None, true) => Status::Running,
         })
+    }
+
+    fn observe(&self, handle: &Handle) -> Result<Observed, DriverError> {
+        Self::check_handle(handle)?;
+        if !matches!(self.refresh(&handle.id), (None, true)) {
+            return Err(DriverError::NotRunning {
+                id: handle.id.clone(),
+            });
+        }
+        let state = self.control.lock();
+        match state.instances.get(&handle.id) {
+            Some(i) if i.exited.is_none() => Ok(i.observed.clone()),
+            _ => Err(DriverError::NotRunning {
+                id: handle.id.clone(),
+            }),
+        }
     }
 
     fn stop(&self, handle: &Handle, _grace: Duration) -> Result<(), DriverError> {
@@ -316,13 +319,97 @@ impl Driver for FakeDriver {
         };
         Ok(candidates
             .into_iter()
-            .filter(|(id, _, _)| matches!(self.observe(id), (None, true)))
+            .filter(|(id, _, _)| matches!(self.refresh(id), (None, true)))
             .map(|(id, release, port)| Handle {
                 id,
                 data: serde_json::json!({ "driver": DRIVER_NAME, "release": release, "port": port }),
             })
             .collect())
     }
+}
+
+/// Starts `spec` over `control`: by a driver (`started_at` is its clock's now), or as a stray
+/// (`started_at` `None`: not recorded in `started`, no injected start failure, no
+/// `exit_after`).
+fn launch(
+    control: &FakeControl,
+    clock: Arc<dyn Clock>,
+    started_at: Option<SystemTime>,
+    spec: &InstanceSpec,
+) -> Result<Handle, DriverError> {
+    spec.validate()?;
+    let program = spec.args[0].as_str();
+    if program.starts_with(MISSING_PREFIX) {
+        return Err(DriverError::InvalidSpec {
+            id: spec.id.clone(),
+            reason: format!("expected a program in the image, found no {program}"),
+        });
+    }
+    let exit_code = if program == EXIT_PROGRAM {
+        let code = spec.args.get(1).map_or(Ok(0), |c| c.parse::<i32>());
+        Some(code.map_err(|_| DriverError::InvalidSpec {
+            id: spec.id.clone(),
+            reason: format!("expected an exit code, found {:?}", spec.args[1]),
+        })?)
+    } else {
+        None
+    };
+    {
+        let state = control.lock();
+        if started_at.is_some() && state.fail_start.contains(&spec.release) {
+            return Err(DriverError::Runtime {
+                op: "start",
+                id: spec.id.clone(),
+                source: io::Error::other(format!(
+                    "injected start failure for release v{}",
+                    spec.release
+                )),
+                retryable: true,
+            });
+        }
+        if state.instances.contains_key(&spec.id) {
+            return Err(DriverError::InvalidSpec {
+                id: spec.id.clone(),
+                reason: "expected a new instance id, found one already started".to_owned(),
+            });
+        }
+    }
+    let log = open_log(spec).map_err(|e| DriverError::runtime("start", &spec.id, e))?;
+    let server = match exit_code {
+        Some(_) => None,
+        None => Some(
+            Server::start(spec, log, control.clone(), clock)
+                .map_err(|e| DriverError::runtime("start", &spec.id, e))?,
+        ),
+    };
+    let mut state = control.lock();
+    if started_at.is_some() {
+        state.started.push(spec.clone());
+    }
+    state.instances.insert(
+        spec.id.clone(),
+        Instance {
+            release: spec.release,
+            started_at,
+            observed: Observed {
+                env: spec.env.clone(),
+                args: spec.args.clone(),
+                rootfs: Some(spec.rootfs.clone()),
+                root_is_rootfs: Some(true),
+                pid: None,
+            },
+            exited: exit_code.map(Some),
+            server,
+        },
+    );
+    Ok(Handle {
+        id: spec.id.clone(),
+        data: serde_json::json!({
+            "driver": DRIVER_NAME,
+            "release": spec.release,
+            "port": spec.port,
+        }),
+    })
 }
 
 fn open_log(spec: &InstanceSpec) -> io::Result<Arc<Mutex<File>>> {
@@ -351,7 +438,6 @@ struct Server {
 struct Responder {
     id: String,
     release: u32,
-    env: BTreeMap<String, String>,
     control: FakeControl,
     clock: Arc<dyn Clock>,
     stop: Arc<AtomicBool>,
@@ -371,7 +457,6 @@ impl Server {
         let responder = Arc::new(Responder {
             id: spec.id.clone(),
             release: spec.release,
-            env: spec.env.clone(),
             control,
             clock,
             stop: Arc::clone(&stop),
@@ -453,7 +538,7 @@ impl Responder {
         if self.stop.load(Ordering::SeqCst) {
             return false;
         }
-        let (server, exited, known) = self.control.observe(&self.id, self.clock.now());
+        let (server, exited, known) = self.control.refresh(&self.id, self.clock.now());
         match server {
             Some(server) if joinable => server.shut_down(),
             Some(server) => server.signal_stop(),
@@ -487,11 +572,17 @@ impl Responder {
     }
 
     fn answer(&self, path: &str) -> (u16, String) {
-        let (unhealthy, health_path) = {
+        let (unhealthy, health_path, env) = {
             let state = self.control.lock();
             (
                 state.unhealthy.contains(&self.release),
                 state.health_path.clone(),
+                // As observed: tampering shows here too.
+                state
+                    .instances
+                    .get(&self.id)
+                    .map(|i| i.observed.env.clone())
+                    .unwrap_or_default(),
             )
         };
         let health_path = health_path.as_deref().unwrap_or(DEFAULT_HEALTH_PATH);
@@ -501,7 +592,7 @@ impl Responder {
         } else if path == health_path {
             (200, "ok".to_owned())
         } else if path == "/env" {
-            let lines: String = self.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+            let lines: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
             (200, lines)
         } else if path == "/write" {
             (200, "read-only".to_owned())

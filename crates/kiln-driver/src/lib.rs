@@ -1,14 +1,18 @@
 //! The instance runtime interface: how kiln starts, watches and stops instances.
 //!
-//! A runtime is a [`Driver`]: five calls (start, status, stop, list what runs, and its name).
-//! The engine holds a [`Handle`] per instance in its state and never looks inside it; after a
-//! crash it calls [`Driver::running`] to re-adopt what still runs and to find orphans.
+//! A runtime is a [`Driver`]: six calls (start, status, observe, stop, list what runs, and its
+//! name). The engine holds a [`Handle`] per instance in its state and never looks inside it;
+//! after a crash it calls [`Driver::running`] to re-adopt what still runs and to find orphans.
+//! For drift detection it calls [`Driver::observe`]: what an instance really runs (its
+//! environment, command line and root), read from the runtime, never from kiln's own records
+//! of what it asked for.
 //!
 //! Every driver passes the same [`conformance`] suite; [`fake::FakeDriver`] is an in-process
 //! driver that fails on cue, for deterministic engine tests.
 //!
 //! Drivers never touch state or the proxy, and never change a running instance: the only
-//! things they do to one are start it and stop it (non-negotiable 1, "replace, never mutate").
+//! things they do to one are start it and stop it (non-negotiable 1, "replace, never mutate");
+//! `observe` only reads.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -25,8 +29,11 @@
 //!     .with_log_path(log_dir.join("kiln-driver-doc-web-v1.log"));
 //! let handle = driver.start(&spec)?;
 //! assert_eq!(driver.status(&handle)?, Status::Running);
+//! let seen = driver.observe(&handle)?;
+//! assert_eq!(seen.env.get("PORT"), spec.env.get("PORT"));
 //! driver.stop(&handle, Duration::from_secs(1))?;
 //! assert_eq!(driver.status(&handle)?, Status::Gone);
+//! assert!(driver.observe(&handle).is_err());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -226,6 +233,41 @@ pub enum Status {
     Gone,
 }
 
+/// What an instance really runs, as its runtime sees it now.
+///
+/// Read from the runtime (for the local driver: `/proc`), not from what kiln asked for, so
+/// that comparing it with the instance's spec finds drift. `Debug` prints environment keys
+/// only: values may hold secrets.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The app's environment as the kernel holds it (`/proc/<pid>/environ` of the app). May
+    /// hold secrets: never log or print values. `Debug` prints keys only.
+    pub env: BTreeMap<String, String>,
+    /// The app's command line now (`/proc/<pid>/cmdline`).
+    pub args: Vec<String>,
+    /// The directory the instance's root filesystem is mounted from, on the host, if the
+    /// runtime knows it.
+    pub rootfs: Option<PathBuf>,
+    /// Whether the instance's root is that very directory: `(st_dev, st_ino)` of the app's
+    /// root (`/proc/<pid>/root`) equal those of `rootfs` now. `None` when it cannot be told
+    /// (e.g. the sandbox root is a tmpfs holding binds, or no permission).
+    pub root_is_rootfs: Option<bool>,
+    /// The app's pid on the host, for messages.
+    pub pid: Option<i32>,
+}
+
+impl fmt::Debug for Observed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observed")
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("args", &self.args)
+            .field("rootfs", &self.rootfs)
+            .field("root_is_rootfs", &self.root_is_rootfs)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
 /// An instance runtime. Implementations are cheap to call from several threads.
 pub trait Driver: Send + Sync {
     /// A short name for logs and state, e.g. `local`.
@@ -237,6 +279,17 @@ pub trait Driver: Send + Sync {
 
     /// What the instance is doing now.
     fn status(&self, handle: &Handle) -> Result<Status, DriverError>;
+
+    /// What the instance really runs now, read from the runtime: the app's environment and
+    /// command line, and whether its root is still the image root it was started from.
+    /// Changes nothing.
+    ///
+    /// Fails with [`DriverError::NotRunning`] when the instance does not run (it exited, was
+    /// stopped, or never existed): [`status`](Self::status) tells which. A retryable
+    /// [`DriverError::Runtime`] when the instance is still being set up (its app not yet
+    /// executed), a non-retryable one when the runtime will not tell (e.g. no permission to
+    /// read the app's environment).
+    fn observe(&self, handle: &Handle) -> Result<Observed, DriverError>;
 
     /// Sends SIGTERM to the whole instance, waits up to `grace`, then SIGKILLs it. Blocks until
     /// nothing of it runs. Idempotent: stopping a gone instance is `Ok`.
@@ -267,6 +320,31 @@ mod tests {
         let text = format!("{spec:?}");
         assert!(text.contains("DB_PASSWORD"));
         assert!(!text.contains("hunter2"));
+    }
+
+    #[test]
+    fn observed_debug_hides_environment_values() {
+        let seen = Observed {
+            env: BTreeMap::from([("DB_PASSWORD".to_owned(), "hunter2".to_owned())]),
+            args: vec!["/app/web".to_owned()],
+            rootfs: Some("/images/web".into()),
+            root_is_rootfs: Some(true),
+            pid: Some(42),
+        };
+        let text = format!("{seen:?}");
+        assert!(text.contains("DB_PASSWORD"), "{text}");
+        assert!(text.contains("/app/web"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn not_running_is_nobodys_bug_and_final() {
+        let err = DriverError::NotRunning {
+            id: "web-v1-a".into(),
+        };
+        assert_eq!(err.fault(), Fault::Runtime);
+        assert!(!err.is_retryable());
+        assert_eq!(err.to_string(), "instance web-v1-a is not running");
     }
 
     #[test]

@@ -261,3 +261,84 @@ fn rejects_duplicates_foreign_handles_and_bad_specs() {
     assert_eq!(err.fault(), Fault::Runtime);
     assert!(err.is_retryable(), "{err}");
 }
+
+#[test]
+fn observe_reports_the_spec_until_drift_is_simulated() {
+    let b = Bench::new();
+    let spec = b
+        .spec("web-v1-o", 1)
+        .with_rootfs("/images/web-v1")
+        .with_env("DB_PASSWORD", "hunter2");
+    let h = b.driver.start(&spec).expect("start");
+    let seen = b.driver.observe(&h).expect("observe");
+    assert_eq!(seen.env, spec.env);
+    assert_eq!(seen.args, spec.args);
+    assert_eq!(seen.rootfs.as_deref(), Some(spec.rootfs.as_path()));
+    assert_eq!(seen.root_is_rootfs, Some(true));
+    assert_eq!(seen.pid, None);
+
+    assert!(
+        b.control
+            .tamper_env("web-v1-o", "DB_PASSWORD", Some("changed"))
+    );
+    assert!(b.control.tamper_env("web-v1-o", "PORT", None));
+    assert!(b.control.tamper_env("web-v1-o", "EXTRA", Some("1")));
+    assert!(b.control.swap_root("web-v1-o", false));
+    assert!(!b.control.tamper_env("nope", "A", Some("b")), "unknown id");
+    assert!(!b.control.swap_root("nope", false), "unknown id");
+    let seen = b.driver.observe(&h).expect("observe");
+    assert_eq!(
+        seen.env.get("DB_PASSWORD").map(String::as_str),
+        Some("changed")
+    );
+    assert!(!seen.env.contains_key("PORT"));
+    assert_eq!(seen.env.get("EXTRA").map(String::as_str), Some("1"));
+    assert_eq!(seen.root_is_rootfs, Some(false));
+    // The instance's own /env agrees with what is observed.
+    let (_, body) = wait_http(spec.port, "/env");
+    assert!(body.lines().any(|l| l == "EXTRA=1"), "{body}");
+    assert!(!body.lines().any(|l| l.starts_with("PORT=")), "{body}");
+    // The spec kiln keeps is untouched: the drift is in the running instance only.
+    assert_eq!(b.control.started()[0].env, spec.env);
+
+    // Exited or stopped: nothing to observe.
+    assert!(b.control.kill("web-v1-o"));
+    let err = b.driver.observe(&h).expect_err("killed");
+    assert!(matches!(err, DriverError::NotRunning { .. }), "{err}");
+    assert!(!err.is_retryable());
+    b.driver.stop(&h, Duration::ZERO).expect("stop");
+    let err = b.driver.observe(&h).expect_err("stopped");
+    assert!(matches!(err, DriverError::NotRunning { .. }), "{err}");
+}
+
+#[test]
+fn observe_sees_exit_after() {
+    let b = Bench::new();
+    b.control.exit_after(1, Duration::from_secs(5));
+    let h = b.driver.start(&b.spec("web-v1-oe", 1)).expect("start");
+    b.driver.observe(&h).expect("running");
+    b.clock.advance(Duration::from_secs(5));
+    let err = b.driver.observe(&h).expect_err("exited");
+    assert!(matches!(err, DriverError::NotRunning { .. }), "{err}");
+}
+
+#[test]
+fn a_stray_runs_unstarted_and_is_found() {
+    let b = Bench::new();
+    // Strays ignore injected start failures and exit_after: the engine did not start them.
+    b.control.fail_start(4);
+    b.control.exit_after(4, Duration::from_secs(1));
+    let spec = b.spec("web-v4-stray", 4);
+    let stray = b.control.start_stray(&spec).expect("stray");
+    assert!(b.control.started().is_empty(), "no driver started it");
+    assert_eq!(wait_http(spec.port, "/").0, 200);
+    b.clock.advance(Duration::from_secs(60));
+    assert_eq!(b.driver.running().expect("running"), vec![stray.clone()]);
+    assert_eq!(b.driver.status(&stray).expect("status"), Status::Running);
+    assert_eq!(b.driver.observe(&stray).expect("observe").env, spec.env);
+    let dup = b.control.start_stray(&spec).expect_err("duplicate id");
+    assert_eq!(dup.fault(), Fault::Spec);
+    b.driver.stop(&stray, Duration::ZERO).expect("stop");
+    assert_port_closed(spec.port);
+    assert!(b.driver.running().expect("running").is_empty());
+}
