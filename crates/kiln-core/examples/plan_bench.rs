@@ -280,6 +280,7 @@ fn main() {
             .collect(),
         balancers: balancers.clone(),
         listeners: BTreeMap::from([("public".to_owned(), "127.0.0.1:8080".to_owned())]),
+        drift: kiln_core::model::DriftSettings::default(),
     };
     let unchanged: BTreeMap<String, ServiceSpec> = current
         .iter()

@@ -29,6 +29,36 @@ pub struct Config {
     /// Top-level `notify` blocks: webhooks that receive the events of every service.
     #[serde(default)]
     pub notify: Vec<Notify>,
+    /// How the server watches for drift (the top-level `drift` block).
+    #[serde(default)]
+    pub drift: DriftSettings,
+}
+
+/// Continuous drift detection in `kiln server` (the `drift` block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftSettings {
+    /// How often every check runs (`0s`: never on a timer).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Replace what drifted without asking (through the same plan `kiln drift --remediate`
+    /// makes).
+    pub auto_remediate: bool,
+    /// Watch image roots for changes (inotify) and check at once when one changes.
+    pub watch: bool,
+    /// Every this many timed checks, hash every file again (the others trust files whose size,
+    /// times and inode did not change since their last hash).
+    pub full_every: u32,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            auto_remediate: false,
+            watch: true,
+            full_every: 10,
+        }
+    }
 }
 
 /// A declared input variable.

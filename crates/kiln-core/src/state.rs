@@ -22,6 +22,9 @@ pub struct State {
     /// Balancers as last applied, by name.
     #[serde(default)]
     pub balancers: BTreeMap<String, BalancerSpec>,
+    /// Continuous drift detection, as last applied.
+    #[serde(default)]
+    pub drift: crate::model::DriftSettings,
     /// Where each balancer really listened last (its `listen` port may be 0), so a restarted
     /// server listens on the same address again.
     #[serde(default)]

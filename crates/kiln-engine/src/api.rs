@@ -105,6 +105,9 @@ pub struct ServiceStatus {
     /// release (every request there is served by that release).
     #[serde(default)]
     pub preview: Option<String>,
+    /// The findings of the last drift check that concern this service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<kiln_core::drift::Finding>,
 }
 
 /// A rollout in progress.
@@ -157,6 +160,9 @@ pub struct InstanceStatus {
     pub retiring: bool,
     /// When it started.
     pub started_at: String,
+    /// Why it is being replaced (drift), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacing: Option<String>,
 }
 
 /// One balancer.

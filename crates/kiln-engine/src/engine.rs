@@ -79,6 +79,10 @@ pub(crate) struct Shared {
     pub(crate) started_at: SystemTime,
     /// Posts the events of services with webhooks, in the background.
     pub(crate) notifier: crate::notify::Notifier,
+    /// Wakes the continuous drift loop when its settings change.
+    pub(crate) drift_wake: Notify,
+    /// Per image root, what the last verification found unchanged (drift checks).
+    pub(crate) verify_caches: Mutex<BTreeMap<kiln_core::Digest, kiln_bake::verify_tree::StatCache>>,
 }
 
 /// The engine's view of the world, guarded by one lock.
@@ -104,6 +108,11 @@ pub(crate) struct World {
     pub(crate) marks: BTreeMap<String, crate::analysis::Mark>,
     /// Operator commands not yet taken by a rollout, per service.
     pub(crate) commands: BTreeMap<String, rollout::OperatorCommand>,
+    /// What kiln last handed the proxy per service, to hand it again only when it changes
+    /// and to tell a table changed behind kiln's back (routing drift).
+    pub(crate) tables: BTreeMap<String, kiln_proxy::ServiceTable>,
+    /// The last drift check, for `kiln status`.
+    pub(crate) drift: Option<kiln_core::drift::Report>,
     /// The sequence number of the last command given.
     pub(crate) next_command: u64,
 }
@@ -159,6 +168,8 @@ impl Engine {
             dirty: false,
             marks: BTreeMap::new(),
             commands: BTreeMap::new(),
+            tables: BTreeMap::new(),
+            drift: None,
             next_command: ms(now),
         };
         Ok(Self {
@@ -173,6 +184,8 @@ impl Engine {
                 wake: Notify::new(),
                 started_at: now,
                 notifier: crate::notify::Notifier::new(),
+                verify_caches: Mutex::new(BTreeMap::new()),
+                drift_wake: Notify::new(),
             }),
         })
     }
@@ -231,6 +244,9 @@ impl Engine {
             now,
         )?;
 
+        if let Some(remedy) = &req.plan.drift {
+            self.remediate(&mut world, remedy)?;
+        }
         let deployment_id = uuid::Uuid::new_v4().to_string();
         let mut releases = BTreeMap::new();
         for change in &req.plan.resource_changes {
@@ -274,6 +290,12 @@ impl Engine {
                 }
                 ("kiln_balancer", ["delete"]) => {
                     world.state.balancers.remove(&change.name);
+                }
+                ("kiln_drift", ["update"]) => {
+                    if let Some(settings) = req.plan.drift_settings {
+                        world.state.drift = settings;
+                        self.shared.drift_wake.notify_one();
+                    }
                 }
                 _ => {}
             }
@@ -380,7 +402,9 @@ impl Engine {
             .state
             .services
             .iter()
-            .map(|(name, s)| crate::reconcile::service_status(self, name, s, &snapshot))
+            .map(|(name, s)| {
+                crate::reconcile::service_status(self, name, s, &snapshot, world.drift.as_ref())
+            })
             .collect();
         let balancers = world
             .state

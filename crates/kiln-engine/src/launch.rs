@@ -94,13 +94,7 @@ impl Engine {
             .ok_or_else(|| Error::ImageMissing(rel.image_digest.clone()))?;
         let config: ImageConfig = images.read_blob_json(&record.config_digest)?;
         let rootfs = rootfs::materialize(&self.shared.cfg.paths, images, &rel.image_digest)?;
-
-        let mut env = config.config.env_map();
-        env.extend(rel.env.clone());
-        env.insert("PORT".to_owned(), port.to_string());
-        env.insert("KILN_INSTANCE_ID".to_owned(), id.to_owned());
-        env.insert("KILN_SERVICE".to_owned(), service.to_owned());
-        env.insert("KILN_RELEASE".to_owned(), format!("v{}", rel.number));
+        let env = instance_env(&config, service, rel, id, port);
 
         let mut args = config.config.entrypoint.clone().unwrap_or_default();
         args.extend(config.config.cmd.clone().unwrap_or_default());
@@ -177,4 +171,39 @@ fn resolve_user(rootfs: &std::path::Path, user: &str) -> Result<kiln_driver::Use
         None => primary_gid.unwrap_or(uid),
     };
     Ok(kiln_driver::User { uid, gid })
+}
+
+/// The whole environment of an instance: the image's, then the release's, then kiln's own.
+fn instance_env(
+    config: &ImageConfig,
+    service: &str,
+    rel: &kiln_core::state::Release,
+    id: &str,
+    port: u16,
+) -> std::collections::BTreeMap<String, String> {
+    let mut env = config.config.env_map();
+    env.extend(rel.env.clone());
+    env.insert("PORT".to_owned(), port.to_string());
+    env.insert("KILN_INSTANCE_ID".to_owned(), id.to_owned());
+    env.insert("KILN_SERVICE".to_owned(), service.to_owned());
+    env.insert("KILN_RELEASE".to_owned(), format!("v{}", rel.number));
+    env
+}
+
+impl Engine {
+    /// The environment kiln gives instance `id` of `rel` (what a drift check expects to find).
+    pub(crate) fn instance_env(
+        &self,
+        service: &str,
+        rel: &kiln_core::state::Release,
+        id: &str,
+        port: u16,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let images = &self.shared.images;
+        let record = images
+            .image(&rel.image_digest)?
+            .ok_or_else(|| Error::ImageMissing(rel.image_digest.clone()))?;
+        let config: ImageConfig = images.read_blob_json(&record.config_digest)?;
+        Ok(instance_env(&config, service, rel, id, port))
+    }
 }

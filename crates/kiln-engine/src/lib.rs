@@ -8,6 +8,7 @@
 mod analysis;
 pub mod api;
 pub mod client;
+mod drift;
 mod engine;
 mod error;
 mod launch;

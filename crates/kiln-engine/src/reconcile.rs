@@ -25,6 +25,9 @@ impl Engine {
     /// Runs the reconcile loop until `shutdown` resolves.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let (stop_drift, drift_stopped) = tokio::sync::watch::channel(false);
+        let engine = self.clone();
+        let drift = tokio::spawn(async move { engine.watch_drift(drift_stopped).await });
         loop {
             if let Err(e) = self.tick().await {
                 tracing::error!("reconcile: {e}");
@@ -35,6 +38,8 @@ impl Engine {
                 () = tokio::time::sleep(self.shared.cfg.tick) => {}
             }
         }
+        let _ = stop_drift.send(true);
+        let _ = drift.await;
     }
 
     /// One pass of observe → decide → persist → act.
@@ -84,7 +89,7 @@ impl Engine {
         forget_deleted(&mut world);
         self.release_lock_if_idle(&mut world, now)?;
         self.persist(&mut world, "reconcile")?;
-        self.sync_tables(&world);
+        self.sync_tables(&mut world);
         self.sync_previews(&mut world).await;
         Ok(())
     }
@@ -241,7 +246,7 @@ impl Engine {
             if let Err(e) = engine.persist(&mut world, "retire") {
                 tracing::error!("persisting a retirement: {e}");
             }
-            engine.sync_tables(&world);
+            engine.sync_tables(&mut world);
         });
     }
 
@@ -250,7 +255,29 @@ impl Engine {
     /// canary or blue/green rollout has set the split ([`Journal::weights`]): then each pool
     /// gets its release's share and a release not in the split gets none. While the rollout
     /// previews its new release ([`preview_release`]), the proxy sends preview requests there.
-    pub(crate) fn sync_tables(&self, world: &World) {
+    ///
+    /// A table is handed over only when it differs from the one kiln last handed over
+    /// (`World::tables`): a table changed in the proxy by anything else stays as it is until a
+    /// drift check finds it and its remediation hands kiln's table over again.
+    pub(crate) fn sync_tables(&self, world: &mut World) {
+        let tables = expected_tables(world);
+        for (name, table) in tables {
+            let same = world
+                .tables
+                .get(&name)
+                .is_some_and(|t| format!("{t:?}") == format!("{table:?}"));
+            if !same {
+                self.shared.proxy.set_service(&name, table.clone());
+                world.tables.insert(name, table);
+            }
+        }
+    }
+}
+
+/// The table of every service, as the state says it: see [`Engine::sync_tables`].
+pub(crate) fn expected_tables(world: &World) -> BTreeMap<String, ServiceTable> {
+    let mut tables = BTreeMap::new();
+    {
         for (name, s) in &world.state.services {
             let journal = s.rollout.as_ref();
             let split = journal.and_then(|j| j.weights().cloned());
@@ -286,8 +313,8 @@ impl Engine {
                 }
             }
             let health = s.spec.health.as_ref().map(health_check);
-            self.shared.proxy.set_service(
-                name,
+            tables.insert(
+                name.clone(),
                 ServiceTable {
                     pools: pools.into_values().collect(),
                     health,
@@ -296,7 +323,10 @@ impl Engine {
             );
         }
     }
+    tables
+}
 
+impl Engine {
     /// Gives the state lock back once no rollout runs; renews its lease while one does.
     fn release_lock_if_idle(&self, world: &mut World, now: SystemTime) -> Result<()> {
         let Some(lock) = world.lock.clone() else {
@@ -485,6 +515,7 @@ pub(crate) fn service_status(
     name: &str,
     s: &ServiceState,
     snapshot: &ProxySnapshot,
+    drift: Option<&kiln_core::drift::Report>,
 ) -> api::ServiceStatus {
     let instances = s
         .instances
@@ -503,6 +534,7 @@ pub(crate) fn service_status(
                 routable: inst.routable,
                 retiring: inst.retiring,
                 started_at: inst.started_at.clone(),
+                replacing: inst.replace_because.clone(),
             }
         })
         .collect();
@@ -578,5 +610,12 @@ pub(crate) fn service_status(
         rollout,
         instances,
         traffic,
+        drift: drift.map_or_else(Vec::new, |r| {
+            r.findings
+                .iter()
+                .filter(|f| f.service.as_deref() == Some(name))
+                .cloned()
+                .collect()
+        }),
     }
 }

@@ -102,7 +102,7 @@ impl Engine {
         }
         self.persist(&mut world, "recover")?;
         self.sync_balancers(&mut world).await?;
-        self.sync_tables(&world);
+        self.sync_tables(&mut world);
         Ok(())
     }
 

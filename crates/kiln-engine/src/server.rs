@@ -137,6 +137,20 @@ async fn route(
                 .unwrap_or(0);
             engine.events(after).and_then(|e| json(&e))
         }
+        (Method::GET, "/v1/drift") => {
+            let param = |key: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                    .map(str::to_owned)
+            };
+            let service = param("service").filter(|s| !s.is_empty());
+            let full = param("full").is_some_and(|v| v == "1" || v == "true");
+            engine
+                .drift(service.as_deref(), full)
+                .await
+                .and_then(|r| json(&r))
+        }
         (Method::POST, "/v1/apply") => match body::<ApplyRequest>(req).await {
             Ok(apply) => match engine.apply(apply).await {
                 Ok(resp) => json(&resp),

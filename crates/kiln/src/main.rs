@@ -48,6 +48,8 @@ enum Command {
     Releases(cmd::inspect::ReleasesArgs),
     /// Print instance logs.
     Logs(cmd::inspect::LogsArgs),
+    /// Compare what runs with the state; --remediate replaces what drifted.
+    Drift(cmd::drift::Args),
     /// Inspect the state: versions, lock.
     #[command(subcommand)]
     State(cmd::inspect::StateCommand),
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Rollback(args) => cmd::rollout::rollback(&cli.global, &args),
         Command::Releases(args) => cmd::inspect::releases(&cli.global, &args),
         Command::Logs(args) => cmd::inspect::logs(&cli.global, &args),
+        Command::Drift(args) => cmd::drift::run(&cli.global, &args),
         Command::State(command) => cmd::inspect::state(&cli.global, command),
     };
     match result {

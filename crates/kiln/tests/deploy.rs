@@ -7,7 +7,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Project, Run};
+use harness::{Project, Run, under_load};
 
 /// The example app (busybox httpd) as a service of `instances`, with fast health checks so the
 /// tests run in seconds. `health_path` lets a test make a release that never turns healthy.
@@ -107,25 +107,6 @@ fn get(url: &str) -> (u16, String, String) {
     })
 }
 
-/// Runs `f` while `kiln-load` keeps 8 connections busy against `url`; returns its summary.
-fn under_load(url: &str, f: impl FnOnce()) -> kiln_load::Summary {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let load = rt.spawn(kiln_load::run(url.parse().unwrap(), 8, async {
-        let _ = stopped.await;
-    }));
-    // Let the load reach a steady state before the change.
-    std::thread::sleep(Duration::from_millis(300));
-    f();
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = stop.send(());
-    rt.block_on(load).unwrap()
-}
-
 #[test]
 fn up_serves_through_the_proxy_and_a_change_replaces_every_instance_with_no_failed_request() {
     let p = shop(2);
@@ -135,7 +116,7 @@ fn up_serves_through_the_proxy_and_a_change_replaces_every_instance_with_no_fail
     assert_eq!((status, release.as_str()), (200, "v1"), "{body}");
     assert!(body.starts_with("hello v1 web-v1-"), "{body}");
 
-    let summary = under_load(&base, || {
+    let (summary, ()) = under_load(&base, || {
         p.kiln(&["apply", "--auto-approve", "-var", "greeting=bonjour"])
             .ok();
     });
@@ -178,7 +159,7 @@ fn a_release_that_never_turns_healthy_is_reverted_with_no_failed_request() {
     let base = url(&p.kiln(&["up"]).ok());
     p.write("kiln.hcl", &app(2, "/missing-health-endpoint"));
     let mut apply = None;
-    let summary = under_load(&base, || {
+    let (summary, ()) = under_load(&base, || {
         apply = Some(p.kiln(&["apply", "--auto-approve", "-var", "greeting=broken"]));
     });
     let apply = apply.unwrap().fails();

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use harness::{Project, Run};
+use harness::{Project, Run, assert_no_failed_request, under_load};
 
 /// Generous bound for anything the server does in a second or two on a quiet machine.
 const SLOW: Duration = Duration::from_secs(60);
@@ -195,37 +195,6 @@ fn release_status(p: &Project, release: &str) -> String {
         .find(|(r, _)| r == release)
         .map(|(_, s)| s)
         .unwrap_or_else(|| panic!("no {release} in {:?}", releases(p)))
-}
-
-/// Runs `f` while `kiln-load` keeps 8 connections busy against `url`; returns its summary and
-/// what `f` returned.
-fn under_load<T>(url: &str, f: impl FnOnce() -> T) -> (kiln_load::Summary, T) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let load = rt.spawn(kiln_load::run(url.parse().unwrap(), 8, async {
-        let _ = stopped.await;
-    }));
-    // Let the load reach a steady state before the change.
-    std::thread::sleep(Duration::from_millis(300));
-    let out = f();
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = stop.send(());
-    (rt.block_on(load).unwrap(), out)
-}
-
-fn assert_no_failed_request(summary: &kiln_load::Summary) {
-    assert_eq!(
-        summary.failed(),
-        0,
-        "failed requests: {:?} of {} ({:?})",
-        summary.statuses,
-        summary.requests,
-        summary.failures
-    );
 }
 
 #[test]

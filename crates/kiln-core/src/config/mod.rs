@@ -60,7 +60,15 @@ pub fn load(source: &Source, overrides: &[VarOverride]) -> (Option<Config>, Vec<
 const TOP: Schema = Schema {
     what: "the top level",
     attrs: &["project"],
-    blocks: &["variable", "image", "service", "balancer", "notify"],
+    blocks: &[
+        "variable", "image", "service", "balancer", "notify", "drift",
+    ],
+};
+
+const DRIFT: Schema = Schema {
+    what: "drift block",
+    attrs: &["interval", "auto_remediate", "watch", "full_every"],
+    blocks: &[],
 };
 
 /// The names a config declares, known before any expression is evaluated so that references can
@@ -134,6 +142,10 @@ impl<'a> Loader<'a> {
             .collect();
         let balancers = self.balancers(&balancers);
         let notify = self.notify_blocks(&top);
+        let drift = self
+            .single_block(&top, "drift")
+            .map(|b| self.drift(b))
+            .unwrap_or_default();
         Config {
             project,
             variables,
@@ -141,7 +153,30 @@ impl<'a> Loader<'a> {
             services,
             balancers,
             notify,
+            drift,
         }
+    }
+
+    /// The `drift` block.
+    fn drift(&mut self, block: &Block) -> crate::model::DriftSettings {
+        for label in &block.labels {
+            self.error(span(label), "`drift` block takes no labels");
+        }
+        let f = self.fields(&block.body, header(block), &DRIFT);
+        let mut settings = crate::model::DriftSettings::default();
+        if let Some(d) = self.get(f.attr("interval"), Self::duration) {
+            settings.interval = d;
+        }
+        if let Some(b) = self.get(f.attr("auto_remediate"), Self::boolean) {
+            settings.auto_remediate = b;
+        }
+        if let Some(b) = self.get(f.attr("watch"), Self::boolean) {
+            settings.watch = b;
+        }
+        if let Some(n) = self.get(f.attr("full_every"), |cx, v, at| cx.int(v, at, 1, None)) {
+            settings.full_every = n;
+        }
+        settings
     }
 
     /// Checks that each block has exactly one label, unique among its kind.

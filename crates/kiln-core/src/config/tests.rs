@@ -1023,3 +1023,33 @@ fn preview_listen_is_a_socket_address() {
               |     ^^^^^^^^^^^^^^"#]],
     );
 }
+
+#[test]
+fn the_drift_block_sets_continuous_drift_detection() {
+    let config = load_ok(
+        "project = \"p\"\ndrift {\n  interval = \"10s\"\n  auto_remediate = true\n  full_every = 3\n}\n",
+        &[],
+    );
+    assert_eq!(config.drift.interval, Duration::from_secs(10));
+    assert!(config.drift.auto_remediate);
+    assert!(config.drift.watch, "watching is on unless turned off");
+    assert_eq!(config.drift.full_every, 3);
+    // Without the block: checks every 30 s, watching, never remediating on their own.
+    let config = load_ok("project = \"p\"\n", &[]);
+    assert_eq!(config.drift, crate::model::DriftSettings::default());
+    check(
+        "project = \"p\"\ndrift {\n  interval = 10\n  auto_remediat = true\n}\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:3:14: error: expected a duration such as "30s", found number 10
+              |
+            3 |   interval = 10
+              |              ^^
+
+            kiln.hcl:4:3: error: unknown attribute `auto_remediat` in drift block
+              |
+            4 |   auto_remediat = true
+              |   ^^^^^^^^^^^^^
+              = help: did you mean `auto_remediate`?"#]],
+    );
+}

@@ -15,6 +15,9 @@ use crate::digest::digest_json;
 use crate::drift::{Category, Finding, Report};
 use crate::state::State;
 
+/// The subject of a finding about a backend in the proxy's tables.
+pub const PROXY_BACKEND: &str = "proxy backend";
+
 /// What a drift remediation changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriftRemediation {
@@ -22,6 +25,9 @@ pub struct DriftRemediation {
     pub replace: BTreeMap<String, BTreeMap<String, String>>,
     /// Processes kiln started that the state does not know, by id, to stop.
     pub remove: BTreeMap<String, String>,
+    /// Services whose proxy table drifted, with why: kiln's table is handed over again.
+    #[serde(default)]
+    pub reroute: BTreeMap<String, String>,
     /// The findings the plan answers, and those it cannot (shown, not acted on).
     pub findings: Vec<Finding>,
 }
@@ -29,7 +35,7 @@ pub struct DriftRemediation {
 impl DriftRemediation {
     /// Whether it changes anything.
     pub fn is_empty(&self) -> bool {
-        self.replace.is_empty() && self.remove.is_empty()
+        self.replace.is_empty() && self.remove.is_empty() && self.reroute.is_empty()
     }
 }
 
@@ -61,22 +67,48 @@ pub fn drift_plan(lineage: &str, serial: u64, state: &State, report: &Report) ->
                 why.push_str("; ");
             }
             why.push_str(&reason(f));
-        } else if f.category == Category::Unmanaged && !known {
+        } else if f.category == Category::Unmanaged
+            && !known
+            && f.subject.as_deref() != Some(PROXY_BACKEND)
+        {
             remedy.remove.insert(id.clone(), unmanaged(f));
+        }
+    }
+
+    // A proxy table changed behind kiln's back is answered by handing kiln's table over again:
+    // an update of the service that changes nothing else.
+    for f in &report.findings {
+        let routing = f.category == Category::Routing
+            || (f.category == Category::Unmanaged && f.subject.as_deref() == Some(PROXY_BACKEND));
+        if let (true, Some(service)) = (routing, &f.service)
+            && state.services.contains_key(service)
+        {
+            let why = remedy.reroute.entry(service.clone()).or_default();
+            if !why.is_empty() {
+                why.push_str("; ");
+            }
+            why.push_str(&reason(f));
         }
     }
 
     let mut changes = Vec::new();
     for (name, s) in &state.services {
         let json = super::service_json(&s.spec);
+        let (kind, why) = match remedy.reroute.get(name) {
+            Some(why) => (
+                ChangeKind::Update,
+                Some(format!("update_because_drift: {why}")),
+            ),
+            None => (ChangeKind::NoOp, None),
+        };
         changes.push(super::resource_change(
             "service",
             "kiln_service",
             name,
-            ChangeKind::NoOp,
+            kind,
             Some(json.clone()),
             Some(json),
-            None,
+            why,
             None,
         ));
     }
@@ -135,6 +167,7 @@ pub fn drift_plan(lineage: &str, serial: u64, state: &State, report: &Report) ->
         services,
         balancers,
         drift: Some(remedy),
+        drift_settings: None,
     }
 }
 

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-pub use drift::{DriftRemediation, drift_plan};
+pub use drift::{DriftRemediation, PROXY_BACKEND, drift_plan};
 pub use schedule::{Schedule, schedule};
 
 use crate::Digest;
@@ -62,6 +62,9 @@ pub struct Plan {
     /// unmanaged ones to stop. Its services and balancers are the state's own, unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftRemediation>,
+    /// The `drift` block's settings the config wants, when they differ from the state's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_settings: Option<crate::model::DriftSettings>,
 }
 
 /// The change to one resource, in Terraform's `resource_changes[]` shape.
@@ -189,6 +192,28 @@ impl Plan {
         s
     }
 
+    /// Adds the change of the `drift` block's settings, if `want` differs from the state's:
+    /// an update of how the server watches, which touches no instance.
+    #[must_use]
+    pub fn with_drift_settings(mut self, want: crate::model::DriftSettings, state: &State) -> Plan {
+        if want != state.drift {
+            self.resource_changes.push(resource_change(
+                "drift",
+                "kiln_drift",
+                "settings",
+                ChangeKind::Update,
+                Some(json!(state.drift)),
+                Some(json!(want)),
+                Some("drift settings changed".to_owned()),
+                None,
+            ));
+            self.resource_changes
+                .sort_by(|a, b| a.address.cmp(&b.address));
+            self.drift_settings = Some(want);
+        }
+        self
+    }
+
     /// The plan as text for people, in the manner of `terraform plan`.
     pub fn render(&self) -> String {
         render::render(self)
@@ -231,6 +256,7 @@ pub fn plan(
         services: services.clone(),
         balancers: balancers.clone(),
         drift: None,
+        drift_settings: None,
     }
 }
 

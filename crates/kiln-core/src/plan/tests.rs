@@ -1341,3 +1341,25 @@ fn a_drift_plan_replaces_drifted_instances_and_stops_unmanaged_ones() {
             ]"#]],
     );
 }
+
+#[test]
+fn a_changed_drift_block_is_an_update_that_touches_no_instance() {
+    let state = state_with(&[(web(), 1)], &[public()]);
+    let same = make(&[web()], &[public()], &state)
+        .with_drift_settings(crate::model::DriftSettings::default(), &state);
+    assert!(!same.has_changes());
+    let want = crate::model::DriftSettings {
+        interval: Duration::from_secs(10),
+        ..crate::model::DriftSettings::default()
+    };
+    let plan = make(&[web()], &[public()], &state).with_drift_settings(want, &state);
+    assert_eq!(plan.drift_settings, Some(want));
+    expect![[r#"
+          # drift.settings will be updated: drift settings changed
+          ~ drift "settings"
+              ~ interval: "30s" -> "10s"
+
+        Plan: 0 to create, 0 to replace, 1 to update, 0 to delete.
+    "#]]
+    .assert_eq(&plan.render());
+}

@@ -53,6 +53,7 @@ pub struct World {
     pub engine: Engine,
     pub control: FakeControl,
     stop: tokio::sync::watch::Sender<bool>,
+    runner: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// An engine whose service uses `rollout` (the body of its `rollout` block) and posts its
@@ -72,7 +73,7 @@ pub async fn world_with(rollout: &str, webhook: Option<&str>) -> World {
     engine.recover().await.unwrap();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let runner = engine.clone();
-    tokio::spawn(async move {
+    let runner = tokio::spawn(async move {
         runner
             .run(async move {
                 let _ = stopped.wait_for(|s| *s).await;
@@ -89,6 +90,7 @@ pub async fn world_with(rollout: &str, webhook: Option<&str>) -> World {
         engine,
         control,
         stop,
+        runner: Some(runner),
     }
 }
 
@@ -157,6 +159,17 @@ impl World {
             "timed out waiting until {what}: {:#?}",
             self.engine.status().await
         );
+    }
+}
+
+impl World {
+    /// Stops the reconcile loop (instances keep running): nothing heals or re-syncs after
+    /// this, so a test can look at a world it has just changed.
+    pub async fn pause(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(runner) = self.runner.take() {
+            runner.await.unwrap();
+        }
     }
 }
 

@@ -88,7 +88,7 @@ pub fn paths(global: &GlobalArgs) -> Paths {
     Paths::for_config(&global.config)
 }
 
-fn open_state(paths: &Paths) -> Result<StateStore> {
+pub fn open_state(paths: &Paths) -> Result<StateStore> {
     paths
         .create()
         .context("cannot create the .kiln directory")?;
@@ -113,7 +113,8 @@ fn make_plan(global: &GlobalArgs) -> Result<Plan> {
         &services,
         &balancers,
         &current.doc,
-    ))
+    )
+    .with_drift_settings(project.config.drift, &current.doc))
 }
 
 /// `kiln plan`.
@@ -125,24 +126,30 @@ pub fn plan(global: &GlobalArgs, args: &PlanArgs) -> Result<ExitCode> {
         ui::out(plan.render());
     }
     if let Some(out) = &args.out {
-        let file = PlanFile {
-            kiln_plan: 1,
-            kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
-            plan: plan.clone(),
-        };
-        std::fs::write(out, serde_json::to_vec_pretty(&file)?)
-            .with_context(|| format!("cannot write the plan to {}", out.display()))?;
-        eprintln!(
-            "Saved the plan to {}; apply it with `kiln apply {}`",
-            out.display(),
-            out.display()
-        );
+        save_plan(out, &plan)?;
     }
     Ok(if args.detailed_exitcode && plan.has_changes() {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Writes `plan` as a plan file that `kiln apply FILE` takes.
+pub fn save_plan(out: &Path, plan: &Plan) -> Result<()> {
+    let file = PlanFile {
+        kiln_plan: 1,
+        kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
+        plan: plan.clone(),
+    };
+    std::fs::write(out, serde_json::to_vec_pretty(&file)?)
+        .with_context(|| format!("cannot write the plan to {}", out.display()))?;
+    eprintln!(
+        "Saved the plan to {}; apply it with `kiln apply {}`",
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn read_plan_file(path: &Path) -> Result<Plan> {
@@ -189,9 +196,10 @@ pub fn apply(global: &GlobalArgs, args: &ApplyArgs) -> Result<ExitCode> {
     run_apply(global, plan, args.detach)
 }
 
-fn run_apply(global: &GlobalArgs, plan: Plan, detach: bool) -> Result<ExitCode> {
+pub fn run_apply(global: &GlobalArgs, plan: Plan, detach: bool) -> Result<ExitCode> {
     let paths = paths(global);
     let rt = runtime()?;
+    let plan_replaces_instances = plan.drift.as_ref().is_some_and(|d| !d.replace.is_empty());
     rt.block_on(async {
         let client = ensure_server(global, &paths).await?;
         let commit = git_info(global.config.parent().unwrap_or(Path::new("."))).map(|g| g.commit);
@@ -214,8 +222,53 @@ fn run_apply(global: &GlobalArgs, plan: Plan, detach: bool) -> Result<ExitCode> 
         if detach {
             return Ok(ExitCode::SUCCESS);
         }
+        if plan_replaces_instances {
+            return follow_replacements(&client).await;
+        }
         follow(&client, &resp.releases, "apply").await
     })
+}
+
+/// Prints events until no instance is waiting to be replaced (a drift remediation).
+async fn follow_replacements(client: &Client) -> Result<ExitCode> {
+    let events: Vec<kiln_state::Event> = client.get("/v1/events?after=0").await?;
+    let mut after = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == "apply")
+        .map_or(0, |e| e.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let status: Status = client.get("/v1/status").await?;
+        let waiting = status
+            .services
+            .iter()
+            .flat_map(|s| &s.instances)
+            .any(|i| i.replacing.is_some());
+        let events: Vec<kiln_state::Event> =
+            client.get(&format!("/v1/events?after={after}")).await?;
+        for e in &events {
+            after = e.id;
+            if e.kind != "traffic" {
+                eprintln!("{}: {}", e.service.as_deref().unwrap_or("kiln"), e.message);
+            }
+        }
+        if !waiting {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the drifted instances were not all replaced within 10 minutes; see `kiln status`"
+            );
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("stopped following; the replacements go on in the server (`kiln status`)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
 }
 
 /// Prints events, from the newest event of kind `start` on, until the rollout of every service

@@ -2,6 +2,7 @@
 
 pub mod bake;
 pub mod deploy;
+pub mod drift;
 pub mod images;
 pub mod inspect;
 pub mod rollout;

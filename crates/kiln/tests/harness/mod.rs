@@ -240,3 +240,34 @@ impl Drop for Project {
         }
     }
 }
+
+/// Runs `f` while `kiln-load` keeps 8 connections busy against `url`; returns its summary and
+/// what `f` returned.
+pub fn under_load<T>(url: &str, f: impl FnOnce() -> T) -> (kiln_load::Summary, T) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let load = rt.spawn(kiln_load::run(url.parse().unwrap(), 8, async {
+        let _ = stopped.await;
+    }));
+    // Let the load reach a steady state before the change.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = f();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = stop.send(());
+    (rt.block_on(load).unwrap(), out)
+}
+
+pub fn assert_no_failed_request(summary: &kiln_load::Summary) {
+    assert_eq!(
+        summary.failed(),
+        0,
+        "failed requests: {:?} of {} ({:?})",
+        summary.statuses,
+        summary.requests,
+        summary.failures
+    );
+}
