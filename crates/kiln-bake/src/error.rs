@@ -136,6 +136,15 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A value given to the store is not usable.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// What was given.
+        what: String,
+        /// What is wrong with it, and what was expected.
+        reason: String,
+    },
+
     /// A path given for a layer or an export is not usable.
     #[error("invalid path `{path}`: {reason}")]
     InvalidPath {

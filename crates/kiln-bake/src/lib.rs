@@ -9,6 +9,7 @@ pub mod layer;
 pub mod manifest;
 pub mod oci;
 pub mod record;
+pub mod revoke;
 pub mod sandbox;
 pub mod store;
 pub mod unpack;

@@ -659,7 +659,7 @@ impl Store {
     }
 
     /// Writes a record as pretty JSON: records are for people too, and are not hashed.
-    fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<()> {
+    pub(crate) fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(value).map_err(|source| Error::Json {
             what: path.display().to_string(),
             source,

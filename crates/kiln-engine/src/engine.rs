@@ -225,6 +225,26 @@ impl Engine {
         Ok(())
     }
 
+    /// Refuses `what` (`deploy`, `rollback`) of `service` to a revoked image.
+    pub(crate) fn refuse_revoked(
+        &self,
+        service: &str,
+        image: &kiln_core::Digest,
+        what: &str,
+        now: SystemTime,
+    ) -> Result<()> {
+        let Some(record) = self.shared.images.image(image)? else {
+            return Ok(());
+        };
+        if let Some(revoked) = self.shared.images.revoked(&record, now)? {
+            return Err(Error::PlanRefused(format!(
+                "{what} of `{service}` refused: image {} ({image}) is {revoked}",
+                record.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies a plan: records new releases and rollout journals, then lets the reconcile loop
     /// carry them out. Refuses a plan made against another state or an older serial, and refuses
     /// while another apply's rollout holds the state lock.
@@ -236,6 +256,15 @@ impl Engine {
         };
         check_plan(&req.plan, &world, &versions)?;
         let now = self.shared.clock.now();
+        for change in &req.plan.resource_changes {
+            let actions: Vec<&str> = change.change.actions.iter().map(String::as_str).collect();
+            if change.kind == "kiln_service"
+                && matches!(actions.as_slice(), ["create"] | ["create", "delete"])
+            {
+                let spec = &req.plan.services[&change.name];
+                self.refuse_revoked(&change.name, &spec.image_digest, "deploy", now)?;
+            }
+        }
         self.take_lock(
             &mut world,
             "apply",

@@ -66,6 +66,7 @@ impl Engine {
         }
         .clone();
 
+        self.refuse_revoked(&req.service, &target.image_digest, "rollback", now)?;
         if let Some(journal) = service.rollout.clone() {
             let warm = crate::reconcile::is_warm(&journal);
             if warm && journal.from == Some(target.number) {

@@ -386,3 +386,43 @@ async fn a_canary_is_previewed_before_promotion_and_not_after_an_abort() {
         assert_eq!(r, (200, Some("v1".to_owned())));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_image_is_refused_on_deploy_and_on_rollback() {
+    let w = world().await;
+    w.apply("one").await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2)).await;
+    w.apply("two").await.unwrap();
+    w.until("v2 serves", |s| serving(s, 2, 2)).await;
+
+    let store = kiln_bake::Store::open(&w.paths.store()).unwrap();
+    let image = store.resolve("app").unwrap();
+    let now = kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
+    let at = humantime::format_rfc3339_seconds(now).to_string();
+    store
+        .revoke(&image, "CVE-2026-1234", &at, "sec@host", now)
+        .unwrap();
+
+    let err = w.apply("three").await.unwrap_err().to_string();
+    assert!(
+        err.contains("deploy of `web` refused") && err.contains("CVE-2026-1234"),
+        "{err}"
+    );
+    let err = w
+        .engine
+        .rollback(kiln_engine::api::RollbackRequest {
+            service: "web".into(),
+            to: Some(1),
+            actor: "test@host".into(),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rollback of `web` refused") && err.contains("CVE-2026-1234"),
+        "{err}"
+    );
+    // Nothing changed: v2 still serves.
+    let status = w.engine.status().await;
+    assert!(serving(&status, 2, 2), "{status:#?}");
+}

@@ -54,6 +54,18 @@ pub enum Command {
         /// Name, `sha256:…` digest, or a unique digest prefix.
         image: String,
     },
+    /// Revoke an image: deploys and rollbacks to it, and to every image built on it, are
+    /// refused from `--at` on.
+    Revoke {
+        /// Name, `sha256:…` digest, or a unique digest prefix.
+        image: String,
+        /// Why (shown wherever the revocation refuses something).
+        #[arg(long)]
+        reason: String,
+        /// From when (RFC 3339, e.g. 2026-12-01T00:00:00Z); default now.
+        #[arg(long)]
+        at: Option<String>,
+    },
     /// Delete untagged images and every blob no image uses.
     Gc {
         /// Print JSON.
@@ -76,6 +88,8 @@ struct Listed<'a> {
     #[serde(flatten)]
     record: &'a kiln_bake::ImageRecord,
     tagged: bool,
+    /// The revocation in effect for it (its own or an ancestor's).
+    revoked: Option<kiln_bake::revoke::Revoked>,
 }
 
 /// Runs an image subcommand.
@@ -85,29 +99,43 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
         Command::Ls { json } => {
             let tags = store.tagged()?;
             let images = store.images()?;
+            let now = kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
             let listed: Vec<Listed<'_>> = images
                 .iter()
-                .map(|r| Listed {
-                    tagged: tags.get(&r.name) == Some(&r.digest),
-                    record: r,
+                .map(|r| {
+                    Ok(Listed {
+                        tagged: tags.get(&r.name) == Some(&r.digest),
+                        revoked: store.revoked(r, now)?,
+                        record: r,
+                    })
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             if json {
                 ui::out_json(&listed)?;
             } else {
                 ui::out(format!(
-                    "{:<20} {:<19} {:>9}  {:<20}  {}",
-                    "NAME", "DIGEST", "SIZE", "BUILT", "TAG"
+                    "{:<20} {:<19} {:>9}  {:<20}  {:<6}  {}",
+                    "NAME", "DIGEST", "SIZE", "BUILT", "TAG", "REVOKED"
                 ));
                 for l in &listed {
-                    ui::out(format!(
-                        "{:<20} sha256:{} {:>9}  {:<20}  {}",
-                        l.record.name,
-                        l.record.digest.short(),
-                        ui::size(l.record.size),
-                        l.record.built_at,
-                        if l.tagged { "latest" } else { "" }
-                    ));
+                    let revoked = match &l.revoked {
+                        None => String::new(),
+                        Some(r) if r.inherited => format!("yes, via {}", r.revocation.name),
+                        Some(r) => format!("yes: {}", r.revocation.reason),
+                    };
+                    ui::out(
+                        format!(
+                            "{:<20} sha256:{} {:>9}  {:<20}  {:<6}  {}",
+                            l.record.name,
+                            l.record.digest.short(),
+                            ui::size(l.record.size),
+                            l.record.built_at,
+                            if l.tagged { "latest" } else { "" },
+                            revoked
+                        )
+                        .trim_end()
+                        .to_owned(),
+                    );
                 }
             }
         }
@@ -117,13 +145,28 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
                 serde_json::from_slice(&store.read_blob(&record.digest)?)?;
             let config: serde_json::Value =
                 serde_json::from_slice(&store.read_blob(&record.config_digest)?)?;
+            let now = kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
             ui::out_json(&serde_json::json!({
                 "record": record,
+                "revoked": store.revoked(&record, now)?,
                 "manifest": manifest,
                 "config": config,
             }))?;
         }
         Command::Verify { image, rebuild } => return verify(global, &store, &image, rebuild),
+        Command::Revoke { image, reason, at } => {
+            let record = store.resolve(&image)?;
+            let now = kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
+            let at = at.unwrap_or_else(|| humantime::format_rfc3339_seconds(now).to_string());
+            let r = store.revoke(&record, &reason, &at, &kiln_engine::actor(), now)?;
+            ui::out(format!(
+                "revoked {} (sha256:{}) from {}: {}; deploys and rollbacks to it and to every image built on it are refused",
+                r.name,
+                r.digest.short(),
+                r.at,
+                r.reason
+            ));
+        }
         Command::Export {
             image,
             format,
