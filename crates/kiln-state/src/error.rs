@@ -81,6 +81,24 @@ pub enum Error {
         detail: String,
     },
 
+    /// An audit entry to append claims a kind only kiln itself may write.
+    #[error("audit entries of kind {kind} are reserved for the state versions kiln records itself")]
+    ReservedAuditKind {
+        /// The kind given.
+        kind: String,
+    },
+
+    /// A time given as text is not RFC 3339.
+    #[error(
+        "invalid time `{given}`: {source}; expected RFC 3339 in UTC, e.g. 2026-11-29T12:00:00Z"
+    )]
+    InvalidTime {
+        /// The text given.
+        given: String,
+        /// Why it does not parse.
+        source: humantime::TimestampError,
+    },
+
     /// Someone else holds the state lock and it is not stale. Boxed to keep `Result` small.
     #[error(
         "state is locked by {} ({}, pid {}) since {}, lock id {}; if that process is gone, run kiln state force-unlock {}",

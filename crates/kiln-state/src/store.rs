@@ -11,14 +11,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::time::rfc3339;
-use crate::{Error, NewEvent, Result, events};
+use crate::{AuditEntry, Error, NewAuditEntry, NewEvent, Result, audit, events};
 
 /// How long a call waits for another process's write transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
 /// Append new entries; never edit an old one.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -57,7 +58,29 @@ const MIGRATIONS: &[&str] = &[r"
         expires    TEXT NOT NULL,
         expires_ms INTEGER NOT NULL
     ) STRICT;
-"];
+",
+    r"
+    -- The audit log: a hash chain, see audit.rs. Rows are only ever appended.
+    CREATE TABLE audit (
+        seq          INTEGER PRIMARY KEY CHECK (seq >= 1),
+        time         TEXT NOT NULL,
+        actor        TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        subject      TEXT NOT NULL,
+        git_commit   TEXT,
+        state_serial INTEGER CHECK (state_serial >= 0),
+        state_hash   TEXT,
+        data         TEXT NOT NULL,
+        prev_hash    TEXT NOT NULL,
+        hash         TEXT NOT NULL
+    ) STRICT;
+
+    CREATE INDEX audit_time ON audit (time);
+",
+];
+
+/// How many migrations a file has had once it has the audit log.
+const AUDIT_SCHEMA: u32 = 2;
 
 /// The state store: one SQLite connection to the state file.
 ///
@@ -168,6 +191,10 @@ impl StateStore {
                 row.get(0)
             })
             .optional()?;
+        if lineage.is_some() && applied < AUDIT_SCHEMA {
+            // A file from before the audit log: its versions enter the log now.
+            audit::backfill(&tx, now)?;
+        }
         if lineage.is_none() {
             let lineage = uuid::Uuid::new_v4().to_string();
             tx.execute(
@@ -178,7 +205,8 @@ impl StateStore {
                 actor: "kiln".to_owned(),
                 operation: "init".to_owned(),
             };
-            insert_version(&tx, 0, "{}", &meta, now)?;
+            let hash = insert_version(&tx, 0, "{}", &meta, now)?;
+            audit::record_version(&tx, 0, &hash, &meta, &[], now)?;
             tracing::info!(path = %self.path.display(), lineage, "created state");
         }
         tx.commit()?;
@@ -224,7 +252,8 @@ impl StateStore {
     }
 
     /// Stores `doc` as version `expected_serial + 1` if `expected_serial` is still the newest,
-    /// together with `events`, in one transaction; returns the new serial.
+    /// together with `events` and its [`crate::STATE_VERSION_KIND`] audit entry, in one
+    /// transaction; returns the new serial.
     ///
     /// Fails with [`Error::Conflict`] and changes nothing when another write came first.
     pub fn write<T: Serialize>(
@@ -235,6 +264,27 @@ impl StateStore {
         events: &[NewEvent],
         now: SystemTime,
     ) -> Result<u64> {
+        let (serial, _) = self.write_with_audit(expected_serial, doc, meta, events, &[], now)?;
+        Ok(serial)
+    }
+
+    /// [`StateStore::write`], also appending `audit` to the audit log in the same
+    /// transaction, after the version's own entry: the decisions that led to this version
+    /// are logged if and only if it is written. Returns the new serial and every audit entry
+    /// appended, the version's first.
+    ///
+    /// Fails with [`Error::ReservedAuditKind`] for an entry of kind
+    /// [`crate::STATE_VERSION_KIND`], and with [`Error::Conflict`] like `write`.
+    pub fn write_with_audit<T: Serialize>(
+        &self,
+        expected_serial: u64,
+        doc: &T,
+        meta: &WriteMeta,
+        events: &[NewEvent],
+        audit: &[NewAuditEntry],
+        now: SystemTime,
+    ) -> Result<(u64, Vec<AuditEntry>)> {
+        audit::check_kinds(audit)?;
         let json = serde_json::to_string(doc).map_err(Error::Encode)?;
         let tx = self.immediate()?;
         let found = newest_serial(&tx)?;
@@ -245,8 +295,9 @@ impl StateStore {
             });
         }
         let serial = found + 1;
-        insert_version(&tx, serial, &json, meta, now)?;
+        let hash = insert_version(&tx, serial, &json, meta, now)?;
         events::insert(&tx, events, now)?;
+        let logged = audit::record_version(&tx, serial, &hash, meta, audit, now)?;
         tx.commit()?;
         tracing::debug!(
             serial,
@@ -254,7 +305,7 @@ impl StateStore {
             operation = meta.operation,
             "state written"
         );
-        Ok(serial)
+        Ok((serial, logged))
     }
 
     /// Every version, oldest first.
@@ -339,7 +390,7 @@ fn insert_version(
     json: &str,
     meta: &WriteMeta,
     now: SystemTime,
-) -> Result<()> {
+) -> Result<String> {
     let hash = Digest::of(json.as_bytes()).to_string();
     conn.prepare_cached(
         "INSERT INTO versions (serial, written_at, actor, operation, hash, doc)
@@ -353,7 +404,7 @@ fn insert_version(
         hash,
         json
     ])?;
-    Ok(())
+    Ok(hash)
 }
 
 fn load<T: DeserializeOwned>(
