@@ -62,6 +62,16 @@ impl Engine {
 
     /// Queues an operator command for a service's rollout; the core takes it once.
     pub async fn command(&self, service: &str, command: Command) -> crate::Result<()> {
+        self.command_by(service, command, &crate::actor()).await
+    }
+
+    /// [`Engine::command`], given by `actor` (recorded in the audit log).
+    pub async fn command_by(
+        &self,
+        service: &str,
+        command: Command,
+        actor: &str,
+    ) -> crate::Result<()> {
         let mut world = self.shared.world.lock().await;
         let running = world
             .state
@@ -80,10 +90,14 @@ impl Engine {
         world
             .commands
             .insert(service.to_owned(), OperatorCommand { seq, command });
-        world.event(
+        world.event_by(
+            actor,
             Some(service),
             "command",
-            format!("{command:?} requested").to_lowercase(),
+            format!(
+                "{} requested by {actor}",
+                format!("{command:?}").to_lowercase()
+            ),
         );
         drop(world);
         self.wake();

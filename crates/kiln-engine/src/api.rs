@@ -141,6 +141,9 @@ pub struct RolloutCommand {
     pub service: String,
     /// `promote`, `abort`, `pause` or `resume`.
     pub command: String,
+    /// Who gives it (`user@host`), for the audit log.
+    #[serde(default)]
+    pub actor: Option<String>,
 }
 
 /// One instance.

@@ -208,6 +208,21 @@ impl Engine {
                 Finding::new(Category::Unknown, "a readable state", e.to_string()).subject("state"),
             ),
         }
+        match db.verify_audit() {
+            Ok(kiln_state::AuditCheck::Broken { seq, reason }) => out.push(
+                Finding::new(
+                    Category::State,
+                    "an intact audit log",
+                    format!("entry {seq} broken: {reason}"),
+                )
+                .subject("audit log"),
+            ),
+            Ok(kiln_state::AuditCheck::Ok { .. }) => {}
+            Err(e) => out.push(
+                Finding::new(Category::Unknown, "a readable audit log", e.to_string())
+                    .subject("audit log"),
+            ),
+        }
         if let Err(e) = db.verify() {
             out.push(
                 Finding::new(

@@ -138,6 +138,43 @@ impl World {
             data: serde_json::Value::Null,
         });
     }
+
+    /// An event caused by a person's request (`actor`: `user@host`), recorded as theirs in
+    /// the audit log.
+    pub(crate) fn event_by(
+        &mut self,
+        actor: &str,
+        service: Option<&str>,
+        kind: &str,
+        message: String,
+    ) {
+        self.event(service, kind, message);
+        if let Some(e) = self.events.last_mut() {
+            e.data = serde_json::json!({ "actor": actor });
+        }
+    }
+}
+
+/// The audit entries of `events`: every event is a change or a decision of kiln's; the actor
+/// is the person who asked for it, or the server.
+fn audit_entries(events: &[NewEvent], server: &str) -> Vec<kiln_state::NewAuditEntry> {
+    events
+        .iter()
+        .map(|e| kiln_state::NewAuditEntry {
+            actor: e
+                .data
+                .get("actor")
+                .and_then(|a| a.as_str())
+                .map_or_else(|| server.to_owned(), str::to_owned),
+            kind: e.kind.clone(),
+            subject: e
+                .service
+                .clone()
+                .map_or_else(|| "project".to_owned(), |s| format!("service.{s}")),
+            git_commit: None,
+            data: serde_json::json!({ "message": e.message }),
+        })
+        .collect()
 }
 
 impl Engine {
@@ -207,14 +244,25 @@ impl Engine {
         }
         let db = self.shared.db.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.shared.clock.now();
+        let server = format!("kiln server ({})", actor());
+        let audit = audit_entries(&world.events, &server);
         if world.dirty {
             let meta = WriteMeta {
                 actor: actor(),
                 operation: operation.to_owned(),
             };
-            world.serial = db.write(world.serial, &world.state, &meta, &world.events, now)?;
+            let (serial, _) = db.write_with_audit(
+                world.serial,
+                &world.state,
+                &meta,
+                &world.events,
+                &audit,
+                now,
+            )?;
+            world.serial = serial;
         } else {
             db.append_events(&world.events, now)?;
+            db.append_audit(&audit, now)?;
         }
         // Only queued here: delivery never holds up the caller.
         self.shared
@@ -330,13 +378,15 @@ impl Engine {
             }
         }
         world.dirty = true;
-        world.event(
+        world.event_by(
+            &req.actor,
             None,
             "apply",
             format!(
-                "deployment {deployment_id} by {}: {} change(s)",
+                "deployment {deployment_id} by {}: {} change(s) (plan of config {})",
                 req.actor,
-                req.plan.summary().total()
+                req.plan.summary().total(),
+                req.plan.config_hash
             ),
         );
         self.persist(&mut world, "apply")?;
@@ -419,6 +469,12 @@ impl Engine {
             now,
         )?;
         drop(db);
+        world.event_by(
+            who,
+            None,
+            "lock",
+            format!("state lock {} taken by {who} for {operation}", lock.id),
+        );
         world.lock = Some(lock);
         Ok(())
     }

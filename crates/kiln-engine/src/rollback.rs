@@ -73,7 +73,8 @@ impl Engine {
                 // Promoted, and the release asked for still runs warm: moving traffic back is
                 // an abort, one switch in the proxy.
                 drop(world);
-                self.command(&req.service, Command::Abort).await?;
+                self.command_by(&req.service, Command::Abort, &req.actor)
+                    .await?;
                 return Ok(RollbackResponse {
                     release: target.number,
                     warm: true,
@@ -164,7 +165,8 @@ impl Engine {
             ms(now),
         );
         service.rollout = Some(journal);
-        world.event(
+        world.event_by(
+            &req.actor,
             Some(&req.service),
             "rollback",
             format!(

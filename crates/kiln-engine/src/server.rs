@@ -161,7 +161,11 @@ async fn route(
         (Method::POST, "/v1/rollout") => match body::<RolloutCommand>(req).await {
             Ok(cmd) => match parse_command(&cmd.command) {
                 Ok(c) => engine
-                    .command(&cmd.service, c)
+                    .command_by(
+                        &cmd.service,
+                        c,
+                        cmd.actor.as_deref().unwrap_or("unknown (no actor given)"),
+                    )
                     .await
                     .and_then(|()| json(&serde_json::json!({}))),
                 Err(e) => Err(e),

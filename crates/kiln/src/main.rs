@@ -48,6 +48,9 @@ enum Command {
     Releases(cmd::inspect::ReleasesArgs),
     /// Print instance logs.
     Logs(cmd::inspect::LogsArgs),
+    /// The audit log of every change and decision: log, verify.
+    #[command(subcommand)]
+    Audit(cmd::audit::Command),
     /// Compare what runs with the state; --remediate replaces what drifted.
     Drift(cmd::drift::Args),
     /// Inspect the state: versions, lock.
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Releases(args) => cmd::inspect::releases(&cli.global, &args),
         Command::Logs(args) => cmd::inspect::logs(&cli.global, &args),
         Command::Drift(args) => cmd::drift::run(&cli.global, &args),
+        Command::Audit(command) => cmd::audit::run(&cli.global, command),
         Command::State(command) => cmd::inspect::state(&cli.global, command),
     };
     match result {

@@ -195,7 +195,7 @@ fn a_tampered_file_is_found_by_the_watcher_and_replaced_under_load_with_no_faile
 }
 
 #[test]
-fn a_stray_instance_and_a_hand_edited_state_are_reported_precisely() {
+fn a_stray_instance_a_hand_edited_state_and_a_hand_edited_audit_log_are_reported_precisely() {
     let (p, _url) = shop("");
     // A process started by kiln's runtime (in its runtime directory) that the state does not
     // know, as a crashed or foreign kiln would leave.
@@ -232,8 +232,30 @@ fn a_stray_instance_and_a_hand_edited_state_are_reported_precisely() {
     let clean = p.kiln(&["drift", "--detailed-exitcode"]);
     assert_eq!(clean.code, 0, "{}{}", clean.stdout, clean.stderr);
 
-    // The state database edited by hand.
+    // Every change so far is in the audit log, chained.
+    let log = p.kiln(&["audit", "log"]).ok().stdout;
+    for kind in ["apply", "lock", "launch", "drift", "state_version"] {
+        assert!(log.contains(kind), "no {kind} entry in:\n{log}");
+    }
+    let verify = p.kiln(&["audit", "verify"]).ok();
+    assert!(verify.stdout.contains("intact"), "{}", verify.stdout);
+
+    // An audit entry edited by hand is named by `kiln audit verify`.
     let conn = rusqlite::Connection::open(p.path().join(".kiln/state.db")).unwrap();
+    conn.execute(
+        "UPDATE audit SET actor = 'nobody@nowhere' WHERE seq = 3",
+        [],
+    )
+    .unwrap();
+    let verify = p.kiln(&["audit", "verify"]);
+    assert_eq!(verify.code, 1, "{}{}", verify.stdout, verify.stderr);
+    assert!(
+        verify.stdout.contains("broken at entry 3"),
+        "{}",
+        verify.stdout
+    );
+
+    // The state database edited by hand.
     conn.execute(
         "UPDATE versions SET doc = replace(doc, '\"hello\"', '\"hacked\"') \
          WHERE serial = (SELECT max(serial) FROM versions)",

@@ -127,6 +127,17 @@ pub fn plan(global: &GlobalArgs, args: &PlanArgs) -> Result<ExitCode> {
     }
     if let Some(out) = &args.out {
         save_plan(out, &plan)?;
+        let db = open_state(&paths(global))?;
+        crate::cmd::audit::record(
+            &db,
+            "plan",
+            &out.display().to_string(),
+            serde_json::json!({
+                "config_hash": plan.config_hash,
+                "serial": plan.serial,
+                "summary": plan.summary(),
+            }),
+        )?;
     }
     Ok(if args.detailed_exitcode && plan.has_changes() {
         ExitCode::from(2)

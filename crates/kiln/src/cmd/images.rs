@@ -159,6 +159,13 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
             let now = kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
             let at = at.unwrap_or_else(|| humantime::format_rfc3339_seconds(now).to_string());
             let r = store.revoke(&record, &reason, &at, &kiln_engine::actor(), now)?;
+            let db = crate::cmd::deploy::open_state(&crate::cmd::deploy::paths(global))?;
+            crate::cmd::audit::record(
+                &db,
+                "revoke",
+                &format!("image.{}", r.name),
+                serde_json::to_value(&r)?,
+            )?;
             ui::out(format!(
                 "revoked {} (sha256:{}) from {}: {}; deploys and rollbacks to it and to every image built on it are refused",
                 r.name,

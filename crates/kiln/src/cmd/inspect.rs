@@ -340,6 +340,12 @@ pub fn state(global: &GlobalArgs, command: StateCommand) -> Result<ExitCode> {
         },
         StateCommand::ForceUnlock { id } => {
             let info = db.force_unlock(&id)?;
+            crate::cmd::audit::record(
+                &db,
+                "lock_forced",
+                "state lock",
+                serde_json::json!({ "lock": info.id, "held_by": info.who, "operation": info.operation }),
+            )?;
             ui::out(format!(
                 "Removed the lock {} held by {} ({}).",
                 info.id, info.operation, info.who

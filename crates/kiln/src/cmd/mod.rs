@@ -1,5 +1,6 @@
 //! One module per command.
 
+pub mod audit;
 pub mod bake;
 pub mod deploy;
 pub mod drift;

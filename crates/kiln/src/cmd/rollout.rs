@@ -102,6 +102,7 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
         &RolloutCommand {
             service: target.service.clone(),
             command: verb.to_owned(),
+            actor: Some(kiln_engine::actor()),
         },
     ))?;
     ui::out(format!(
