@@ -32,6 +32,80 @@ pub struct Config {
     /// How the server watches for drift (the top-level `drift` block).
     #[serde(default)]
     pub drift: DriftSettings,
+    /// Where this config deploys (the `environment` block).
+    #[serde(default)]
+    pub environment: Environment,
+    /// Policy sets (`policy "NAME"` blocks; `policy "builtin"` configures the built-in pack).
+    #[serde(default)]
+    pub policies: Vec<PolicySetConfig>,
+    /// The built-in policy pack's settings (`policy "builtin"`).
+    #[serde(default)]
+    pub builtin_policy: BuiltinPolicyConfig,
+}
+
+/// The environment a config deploys to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    /// Its name (`prod`), given to policies.
+    pub name: String,
+    /// A protected environment applies only saved plans approved with `kiln approve`, and the
+    /// built-in policies are enforced there by default.
+    pub protected: bool,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Self {
+            name: "default".to_owned(),
+            protected: false,
+        }
+    }
+}
+
+/// How a policy set is enforced (Sentinel's levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    /// Results are shown; nothing is blocked.
+    Advisory,
+    /// A denial blocks unless overridden with `kiln apply --override-policy "reason"`, which is
+    /// recorded in the audit log.
+    SoftMandatory,
+    /// A denial blocks.
+    HardMandatory,
+}
+
+/// A `policy "NAME"` block: a directory of Rego policies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySetConfig {
+    /// The set's name.
+    pub name: String,
+    /// The directory, relative to the config.
+    pub dir: String,
+    /// How it is enforced (default hard_mandatory).
+    pub enforcement: Enforcement,
+}
+
+/// The `policy "builtin"` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltinPolicyConfig {
+    /// How it is enforced; default advisory, or soft_mandatory in a protected environment.
+    pub enforcement: Option<Enforcement>,
+    /// Check ids that do not run.
+    pub disable: Vec<String>,
+    /// The oldest image a new release may ship.
+    #[serde(with = "humantime_serde")]
+    pub max_image_age: Duration,
+}
+
+impl Default for BuiltinPolicyConfig {
+    fn default() -> Self {
+        Self {
+            enforcement: None,
+            disable: Vec::new(),
+            max_image_age: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
 }
 
 /// Continuous drift detection in `kiln server` (the `drift` block).

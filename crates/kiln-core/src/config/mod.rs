@@ -61,8 +61,33 @@ const TOP: Schema = Schema {
     what: "the top level",
     attrs: &["project"],
     blocks: &[
-        "variable", "image", "service", "balancer", "notify", "drift",
+        "variable",
+        "image",
+        "service",
+        "balancer",
+        "notify",
+        "drift",
+        "environment",
+        "policy",
     ],
+};
+
+const ENVIRONMENT: Schema = Schema {
+    what: "environment block",
+    attrs: &["name", "protected"],
+    blocks: &[],
+};
+
+const POLICY: Schema = Schema {
+    what: "policy block",
+    attrs: &["dir", "enforcement"],
+    blocks: &[],
+};
+
+const BUILTIN_POLICY: Schema = Schema {
+    what: "policy \"builtin\" block",
+    attrs: &["enforcement", "disable", "max_image_age"],
+    blocks: &[],
 };
 
 const DRIFT: Schema = Schema {
@@ -146,6 +171,20 @@ impl<'a> Loader<'a> {
             .single_block(&top, "drift")
             .map(|b| self.drift(b))
             .unwrap_or_default();
+        let environment = self
+            .single_block(&top, "environment")
+            .map(|b| self.environment(b))
+            .unwrap_or_default();
+        let policy_blocks = self.declarations(top.blocks("policy"));
+        let mut policies = Vec::new();
+        let mut builtin_policy = crate::model::BuiltinPolicyConfig::default();
+        for (name, block) in &policy_blocks {
+            if name == "builtin" {
+                builtin_policy = self.builtin_policy(block);
+            } else {
+                policies.push(self.policy_set(name, block));
+            }
+        }
         Config {
             project,
             variables,
@@ -154,7 +193,78 @@ impl<'a> Loader<'a> {
             balancers,
             notify,
             drift,
+            environment,
+            policies,
+            builtin_policy,
         }
+    }
+
+    /// The `environment` block.
+    fn environment(&mut self, block: &Block) -> crate::model::Environment {
+        for label in &block.labels {
+            self.error(span(label), "`environment` block takes no labels");
+        }
+        let f = self.fields(&block.body, header(block), &ENVIRONMENT);
+        let mut env = crate::model::Environment::default();
+        if let Some(n) = self.get(f.attr("name"), Self::string) {
+            env.name = n;
+        }
+        if let Some(p) = self.get(f.attr("protected"), Self::boolean) {
+            env.protected = p;
+        }
+        env
+    }
+
+    /// A `policy "NAME"` block.
+    fn policy_set(&mut self, name: &str, block: &Block) -> crate::model::PolicySetConfig {
+        let f = self.fields(&block.body, header(block), &POLICY);
+        crate::model::PolicySetConfig {
+            name: name.to_owned(),
+            dir: self
+                .get(f.attr("dir"), Self::string)
+                .unwrap_or_else(|| "policies".to_owned()),
+            enforcement: self
+                .get(f.attr("enforcement"), Self::enforcement)
+                .unwrap_or(crate::model::Enforcement::HardMandatory),
+        }
+    }
+
+    /// The `policy "builtin"` block.
+    fn builtin_policy(&mut self, block: &Block) -> crate::model::BuiltinPolicyConfig {
+        let f = self.fields(&block.body, header(block), &BUILTIN_POLICY);
+        let mut b = crate::model::BuiltinPolicyConfig {
+            enforcement: self.get(f.attr("enforcement"), Self::enforcement),
+            ..Default::default()
+        };
+        if let Some(list) = self.get(f.attr("disable"), Self::string_list) {
+            b.disable = list;
+        }
+        if let Some(d) = self.get(f.attr("max_image_age"), Self::duration) {
+            b.max_image_age = d;
+        }
+        b
+    }
+
+    fn enforcement(
+        &mut self,
+        value: &hcl::Value,
+        at: &eval::At<'_>,
+    ) -> Option<crate::model::Enforcement> {
+        use crate::model::Enforcement;
+        let e = match value {
+            hcl::Value::String(s) if s == "advisory" => Some(Enforcement::Advisory),
+            hcl::Value::String(s) if s == "soft_mandatory" => Some(Enforcement::SoftMandatory),
+            hcl::Value::String(s) if s == "hard_mandatory" => Some(Enforcement::HardMandatory),
+            _ => None,
+        };
+        if e.is_none() {
+            self.mismatch(
+                at,
+                "\"advisory\", \"soft_mandatory\" or \"hard_mandatory\"",
+                value,
+            );
+        }
+        e
     }
 
     /// The `drift` block.

@@ -1053,3 +1053,51 @@ fn the_drift_block_sets_continuous_drift_detection() {
               = help: did you mean `auto_remediate`?"#]],
     );
 }
+
+#[test]
+fn environment_and_policy_blocks() {
+    let config = load_ok(
+        r#"project = "p"
+environment {
+  name      = "prod"
+  protected = true
+}
+policy "team" {
+  dir         = "rules"
+  enforcement = "soft_mandatory"
+}
+policy "builtin" {
+  enforcement   = "hard_mandatory"
+  disable       = ["max_image_age"]
+  max_image_age = "30d"
+}
+"#,
+        &[],
+    );
+    assert_eq!(config.environment.name, "prod");
+    assert!(config.environment.protected);
+    assert_eq!(config.policies.len(), 1);
+    assert_eq!(config.policies[0].dir, "rules");
+    assert_eq!(
+        config.policies[0].enforcement,
+        crate::model::Enforcement::SoftMandatory
+    );
+    assert_eq!(
+        config.builtin_policy.enforcement,
+        Some(crate::model::Enforcement::HardMandatory)
+    );
+    assert_eq!(config.builtin_policy.disable, ["max_image_age"]);
+    assert_eq!(
+        config.builtin_policy.max_image_age,
+        Duration::from_secs(30 * 24 * 3600)
+    );
+    check(
+        "project = \"p\"\npolicy \"team\" {\n  enforcement = \"strict\"\n}\n",
+        &[],
+        &expect![[r#"
+            kiln.hcl:3:17: error: expected "advisory", "soft_mandatory" or "hard_mandatory", found string "strict"
+              |
+            3 |   enforcement = "strict"
+              |                 ^^^^^^^^"#]],
+    );
+}
