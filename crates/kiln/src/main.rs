@@ -1,6 +1,7 @@
 //! The `kiln` command line: the only crate that knows about flags, terminals and exit codes.
 
 mod cmd;
+mod policy;
 mod project;
 mod ui;
 
@@ -48,6 +49,14 @@ enum Command {
     Releases(cmd::inspect::ReleasesArgs),
     /// Print instance logs.
     Logs(cmd::inspect::LogsArgs),
+    /// Evaluate the policies on a plan, or run their tests.
+    #[command(subcommand)]
+    Policy(cmd::policy::Command),
+    /// Approve a saved plan for a protected environment (recorded in the audit log).
+    Approve {
+        /// A plan saved by `kiln plan -out FILE`.
+        plan: std::path::PathBuf,
+    },
     /// The audit log of every change and decision: log, verify.
     #[command(subcommand)]
     Audit(cmd::audit::Command),
@@ -78,6 +87,8 @@ fn main() -> ExitCode {
         Command::Logs(args) => cmd::inspect::logs(&cli.global, &args),
         Command::Drift(args) => cmd::drift::run(&cli.global, &args),
         Command::Audit(command) => cmd::audit::run(&cli.global, command),
+        Command::Policy(command) => cmd::policy::run(&cli.global, command),
+        Command::Approve { plan } => cmd::deploy::approve(&cli.global, &plan),
         Command::State(command) => cmd::inspect::state(&cli.global, command),
     };
     match result {

@@ -44,6 +44,10 @@ pub struct ApplyArgs {
     /// Return once the server accepted the plan, without following the rollout.
     #[arg(long)]
     detach: bool,
+    /// Apply although soft-mandatory policies deny the plan; the reason is recorded in the
+    /// audit log. Hard-mandatory denials cannot be overridden.
+    #[arg(long, value_name = "REASON")]
+    override_policy: Option<String>,
 }
 
 /// `kiln down` options.
@@ -100,7 +104,7 @@ pub fn open_state(paths: &Paths) -> Result<StateStore> {
 }
 
 /// Makes a plan of the config against the current state.
-fn make_plan(global: &GlobalArgs) -> Result<Plan> {
+pub fn make_plan(global: &GlobalArgs) -> Result<Plan> {
     let project = global.load()?;
     let digests = image_digests(global, &project)?;
     let (services, balancers, _) = desired(&project.config, &digests);
@@ -125,6 +129,15 @@ pub fn plan(global: &GlobalArgs, args: &PlanArgs) -> Result<ExitCode> {
     } else {
         ui::out(plan.render());
     }
+    let project = global.load()?;
+    let decision = crate::policy::check(&project, &global.open_store()?, &plan)?;
+    if !decision.results.is_empty() {
+        eprint!("{}", decision.render());
+    }
+    let blocked = !decision.passed();
+    if blocked {
+        eprintln!("policy: applying this plan will be refused (see above)");
+    }
     if let Some(out) = &args.out {
         save_plan(out, &plan)?;
         let db = open_state(&paths(global))?;
@@ -139,7 +152,9 @@ pub fn plan(global: &GlobalArgs, args: &PlanArgs) -> Result<ExitCode> {
             }),
         )?;
     }
-    Ok(if args.detailed_exitcode && plan.has_changes() {
+    Ok(if blocked {
+        ExitCode::FAILURE
+    } else if args.detailed_exitcode && plan.has_changes() {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -163,7 +178,7 @@ pub fn save_plan(out: &Path, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-fn read_plan_file(path: &Path) -> Result<Plan> {
+pub fn read_plan_file(path: &Path) -> Result<Plan> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read plan file {}", path.display()))?;
     let file: PlanFile = serde_json::from_slice(&bytes)
@@ -193,6 +208,7 @@ pub fn confirm(question: &str, auto_approve: bool) -> Result<()> {
 
 /// `kiln apply`.
 pub fn apply(global: &GlobalArgs, args: &ApplyArgs) -> Result<ExitCode> {
+    let project = global.load()?;
     let plan = match &args.plan {
         Some(path) => read_plan_file(path)?,
         None => make_plan(global)?,
@@ -201,10 +217,96 @@ pub fn apply(global: &GlobalArgs, args: &ApplyArgs) -> Result<ExitCode> {
     if !plan.has_changes() {
         return Ok(ExitCode::SUCCESS);
     }
+    let db = open_state(&paths(global))?;
+    if project.config.environment.protected {
+        check_approval(&db, &project, args.plan.as_deref(), &plan)?;
+    }
+    let decision = crate::policy::check(&project, &global.open_store()?, &plan)?;
+    crate::policy::gate(&db, &decision, &plan, args.override_policy.as_deref())?;
+    drop(db);
     if args.plan.is_none() {
         confirm("apply these changes", args.auto_approve)?;
     }
     run_apply(global, plan, args.detach)
+}
+
+/// The digest that names a plan exactly (its canonical JSON), as `kiln approve` records it.
+pub fn plan_hash(plan: &Plan) -> Digest {
+    kiln_core::digest::digest_json(plan)
+}
+
+/// A protected environment applies only a saved plan that `kiln approve` approved, exactly.
+fn check_approval(
+    db: &StateStore,
+    project: &Project,
+    file: Option<&Path>,
+    plan: &Plan,
+) -> Result<()> {
+    let env = &project.config.environment.name;
+    let Some(file) = file else {
+        bail!(
+            "environment `{env}` is protected: apply a saved plan (`kiln plan -out FILE`) once it \
+             is approved (`kiln approve FILE`); nothing was changed"
+        );
+    };
+    let hash = plan_hash(plan).to_string();
+    let approvals: Vec<String> = db
+        .audit(None)?
+        .into_iter()
+        .filter(|e| e.kind == "approval")
+        .filter_map(|e| {
+            let h = e.data.get("plan_hash")?.as_str()?.to_owned();
+            (h == hash).then_some(e.actor)
+        })
+        .collect();
+    match approvals.first() {
+        Some(approver) => {
+            eprintln!("{}: approved by {approver}", file.display());
+            Ok(())
+        }
+        None => bail!(
+            "environment `{env}` is protected and plan {} ({hash}) has no approval: `kiln approve \
+             {}` records one (an approval of another plan does not count); nothing was changed",
+            file.display(),
+            file.display()
+        ),
+    }
+}
+
+/// `kiln approve PLANFILE`: records the approver and the plan's hash in the audit log.
+pub fn approve(global: &GlobalArgs, file: &Path) -> Result<ExitCode> {
+    let plan = read_plan_file(file)?;
+    let db = open_state(&paths(global))?;
+    let current = db.read::<State>()?;
+    if plan.lineage != current.lineage || plan.serial != current.serial {
+        bail!(
+            "{} was made against state serial {} and the state is now at serial {}: make and \
+             approve a new plan",
+            file.display(),
+            plan.serial,
+            current.serial
+        );
+    }
+    let hash = plan_hash(&plan);
+    crate::cmd::audit::record(
+        &db,
+        "approval",
+        &format!("plan {hash}"),
+        serde_json::json!({
+            "plan_hash": hash,
+            "file": file.display().to_string(),
+            "config_hash": plan.config_hash,
+            "serial": plan.serial,
+            "summary": plan.summary(),
+        }),
+    )?;
+    ui::out(format!(
+        "approved {} ({hash}) as {}; `kiln apply {}` may apply it",
+        file.display(),
+        actor(),
+        file.display()
+    ));
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run_apply(global: &GlobalArgs, plan: Plan, detach: bool) -> Result<ExitCode> {
@@ -350,6 +452,17 @@ pub fn up(global: &GlobalArgs) -> Result<ExitCode> {
     let plan = make_plan(global)?;
     ui::out(plan.render());
     let code = if plan.has_changes() {
+        if project.config.environment.protected {
+            bail!(
+                "environment `{}` is protected: `kiln up` does not apply there; make a plan \
+                 (`kiln plan -out FILE`), approve it (`kiln approve FILE`), then `kiln apply FILE`",
+                project.config.environment.name
+            );
+        }
+        let db = open_state(&paths(global))?;
+        let decision = crate::policy::check(&project, &store, &plan)?;
+        crate::policy::gate(&db, &decision, &plan, None)?;
+        drop(db);
         run_apply(global, plan, false)?
     } else {
         // Nothing to change, but the server must run for the services to run.

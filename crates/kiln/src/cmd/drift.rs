@@ -72,6 +72,9 @@ pub fn run(global: &GlobalArgs, args: &Args) -> Result<ExitCode> {
         if let Some(out) = &args.out {
             save_plan(out, &plan)?;
         } else if plan.has_changes() {
+            let project = global.load()?;
+            let decision = crate::policy::check(&project, &global.open_store()?, &plan)?;
+            crate::policy::gate(&db, &decision, &plan, None)?;
             confirm("replace the drifted instances", args.auto_approve)?;
             let code = run_apply(global, plan, false)?;
             if code != ExitCode::SUCCESS {
