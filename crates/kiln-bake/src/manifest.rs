@@ -1,21 +1,22 @@
 //! The file manifest of an image: every path of the root filesystem [`apply_layers`] makes, with
 //! its type, permission bits, owner, and a regular file's size and sha256 — what
-//! [`crate::verify_tree`] compares an instance's root with.
+//! [`verify_tree`](mod@crate::verify_tree) compares an instance's root with.
 //!
 //! The manifest is computed from the layer blobs alone, by replaying the extraction rules of
-//! [`crate::unpack`] on an in-memory tree (the same member-name normalisation, whiteouts,
-//! opaque directories, hard links and refusals), so it equals the tree `apply_layers` writes
-//! without writing anything:
+//! [`unpack`](mod@crate::unpack) on an in-memory tree (the same member-name normalisation,
+//! whiteouts, opaque directories, hard links and refusals), so it equals the tree `apply_layers`
+//! writes, without writing anything:
 //!
 //! - Keys are paths relative to the root, `/`-separated, without a leading `/`
 //!   (`etc/os-release`). The root directory itself has **no entry**: extraction never changes
 //!   its mode or owner, so there is nothing of the image's to compare. Names that are not UTF-8
 //!   are kept lossily (`U+FFFD` for each bad byte), on both sides of a comparison.
 //! - Owners are the image's: the uid/gid of the layer headers, whoever builds the manifest (so
-//!   one cached manifest serves every process). An owner that does not fit in 32 bits, or that
-//!   cannot be parsed, is what root's failed `lchown` leaves: `0:0` for a new entry, the old
-//!   owner for an existing directory. [`crate::verify_tree`] compares owners only when running
-//!   as root, because only then does [`UnpackOptions::layers`] apply them.
+//!   one cached manifest serves every process). An owner that does not fit in 32 bits is what
+//!   root's failed `lchown` leaves: `0:0` for a new entry, the old owner for an existing
+//!   directory (one that cannot be parsed at all is recorded the same way; root's extraction
+//!   refuses it). [`verify_tree`](mod@crate::verify_tree) compares owners only when running as
+//!   root, because only then does [`UnpackOptions::layers`] apply them.
 //! - Directories that extraction creates because a member's parent is missing from the archive
 //!   get mode `0o755` and owner `0:0`, as unpack gives them (it creates them as the extracting
 //!   user, root when owners are kept, and sets `0o755` at the end).

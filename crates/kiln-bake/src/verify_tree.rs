@@ -338,7 +338,10 @@ struct Options {
 
 impl Options {
     fn new(full: bool) -> Options {
-        let start = SystemClock.now() - RACY_MARGIN;
+        let start = SystemClock
+            .now()
+            .checked_sub(RACY_MARGIN)
+            .unwrap_or(UNIX_EPOCH);
         let cache_before_ns = start
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX));
@@ -383,7 +386,6 @@ fn verify_tree_with(
     let mut scan = Scan::new(cache, opts);
     // Manifest paths found on disk with the expected type.
     let mut present: HashSet<&str> = HashSet::new();
-    let depth = root.components().count();
     let mut walk = WalkDir::new(root)
         .min_depth(1)
         .follow_links(false)
@@ -410,7 +412,8 @@ fn verify_tree_with(
             Err(e) => return Err(walk_error(e, entry.path())),
         };
         report.entries += 1;
-        let rel: PathBuf = entry.path().components().skip(depth).collect();
+        // Every walked path is `root` joined with names from the directories below it.
+        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
         let path = rel.to_string_lossy();
         let Some((key, expected)) = manifest.entries.get_key_value(path.as_ref()) else {
             scan.changes.push(Change::Added {
@@ -437,6 +440,7 @@ fn verify_tree_with(
             continue;
         }
         hidden.insert(key);
+        scan.cache.files.remove(key.as_str());
         let parent = key.rsplit_once('/').map_or("", |(p, _)| p);
         let parent_gone = hidden.contains(parent);
         // A key present on disk with another type was reported as a Kind change already.
@@ -459,6 +463,9 @@ fn verify_tree_with(
 /// a path the image lacks is [`Change::Added`] (a new directory reports itself, not its
 /// content). Content is hashed unless `cache` vouches for the file. A path is looked up without
 /// following symlinks anywhere along it: below a symlink or a file, it does not exist.
+///
+/// As in [`verify_tree`], a given path below one reported added, removed or retyped is not
+/// reported itself, so that the changes of all changed paths are those `verify_tree` reports.
 pub fn verify_paths(
     root: &Path,
     manifest: &Manifest,
@@ -484,9 +491,13 @@ fn verify_paths_with(
         }
     }
     let mut scan = Scan::new(cache, opts);
-    // Given paths reported gone, so that paths below them are not reported again.
-    let mut gone: Vec<PathBuf> = Vec::new();
+    // Given paths reported added, removed or retyped: what is below them is not reported (sorted
+    // paths put a directory before what it holds).
+    let mut covered: HashSet<PathBuf> = HashSet::new();
     for rel in wanted {
+        if rel.ancestors().skip(1).any(|a| covered.contains(a)) {
+            continue;
+        }
         let key = rel.to_string_lossy().into_owned();
         let abs = root.join(&rel);
         let meta = if parents_are_dirs(root, &rel)? {
@@ -502,18 +513,20 @@ fn verify_paths_with(
         match (meta, expected) {
             (None, None) => {}
             (None, Some(_)) => {
-                if !gone.iter().any(|g| rel.starts_with(g)) {
-                    scan.changes.push(Change::Removed { path: key });
-                    gone.push(rel);
-                }
+                scan.cache.files.remove(&key);
+                scan.changes.push(Change::Removed { path: key });
+                covered.insert(rel);
             }
-            (Some(meta), None) => scan.changes.push(Change::Added {
-                path: key,
-                kind: FileKind::of(meta.file_type()),
-            }),
+            (Some(meta), None) => {
+                scan.changes.push(Change::Added {
+                    path: key,
+                    kind: FileKind::of(meta.file_type()),
+                });
+                covered.insert(rel);
+            }
             (Some(meta), Some((key, expected))) => {
                 if !scan.compare(key, expected, &abs, &meta)? {
-                    gone.push(rel);
+                    covered.insert(rel);
                 }
             }
         }
@@ -1248,13 +1261,41 @@ mod tests {
             [
                 "/etc/passwd: content changed",
                 "/new: added",
-                "/new/dir: added",
                 "/usr/share/zoneinfo: removed",
                 "/var/www: removed",
             ]
         );
         let err = verify_paths(&f.root, &f.manifest, &["../x".into()], &mut cache).unwrap_err();
         assert!(matches!(err, Error::InvalidPath { .. }), "{err}");
+    }
+
+    #[test]
+    fn verify_paths_of_every_path_agrees_with_verify_tree() {
+        let f = fixture();
+        fs::write(f.path("etc/passwd"), "changed").unwrap();
+        fs::set_permissions(f.path("ro/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::remove_dir_all(f.path("var")).unwrap();
+        fs::create_dir_all(f.path("new/dir")).unwrap();
+        fs::remove_file(f.path("bin/sh")).unwrap();
+        symlink("busybox", f.path("bin/sh")).unwrap();
+        fs::remove_dir_all(f.path("usr/share")).unwrap();
+        fs::write(f.path("usr/share"), "flat").unwrap();
+        let mut paths: Vec<String> = f.manifest.entries.keys().cloned().collect();
+        for e in WalkDir::new(&f.root).min_depth(1) {
+            let e = e.unwrap();
+            paths.push(
+                e.path()
+                    .strip_prefix(&f.root)
+                    .unwrap()
+                    .display()
+                    .to_string(),
+            );
+        }
+        let mut cache = StatCache::default();
+        let some = verify_paths(&f.root, &f.manifest, &paths, &mut cache).unwrap();
+        let all = f.verify().changes;
+        assert_eq!(lines(&some), lines(&all));
+        assert_eq!(all.len(), 6, "{:?}", lines(&all));
     }
 
     #[test]
