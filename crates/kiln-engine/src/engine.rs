@@ -171,7 +171,11 @@ fn audit_entries(events: &[NewEvent], server: &str) -> Vec<kiln_state::NewAuditE
                 .service
                 .clone()
                 .map_or_else(|| "project".to_owned(), |s| format!("service.{s}")),
-            git_commit: None,
+            git_commit: e
+                .data
+                .get("git_commit")
+                .and_then(|g| g.as_str())
+                .map(str::to_owned),
             data: serde_json::json!({ "message": e.message }),
         })
         .collect()
@@ -389,6 +393,9 @@ impl Engine {
                 req.plan.config_hash
             ),
         );
+        if let (Some(commit), Some(e)) = (&req.git_commit, world.events.last_mut()) {
+            e.data["git_commit"] = serde_json::json!(commit);
+        }
         self.persist(&mut world, "apply")?;
         let serial = world.serial;
         self.sync_balancers(&mut world).await?;

@@ -13,7 +13,7 @@ use kiln_policy::{
     BuiltinSettings, Context, Decision, Environment, GitFacts, ImageFacts, Level, Limits,
     PolicySet, Revocation,
 };
-use kiln_state::{NewAuditEntry, StateStore};
+use kiln_state::StateStore;
 
 use crate::project::Project;
 
@@ -183,31 +183,27 @@ pub fn gate(
         .iter()
         .map(|(n, h)| format!("{n} {h}"))
         .collect();
-    let mut entries = vec![NewAuditEntry {
-        actor: kiln_engine::actor(),
-        kind: "policy".to_owned(),
-        subject: format!("plan of config {}", plan.config_hash),
-        git_commit: None,
-        data: serde_json::json!({
+    let mut entries = vec![crate::cmd::audit::entry(
+        "policy",
+        &format!("plan of config {}", plan.config_hash),
+        serde_json::json!({
             "passed": decision.passed(),
             "blocking": blocking.iter().map(|o| format!("{}: {}", o.set, o.message)).collect::<Vec<_>>(),
             "results": decision.results.len(),
             "bundles": bundles,
         }),
-    }];
+    )];
     let refused = if blocking.is_empty() {
         None
     } else if let (true, Some(reason)) = (decision.overridable(), override_reason) {
-        entries.push(NewAuditEntry {
-            actor: kiln_engine::actor(),
-            kind: "policy_override".to_owned(),
-            subject: format!("plan of config {}", plan.config_hash),
-            git_commit: None,
-            data: serde_json::json!({
+        entries.push(crate::cmd::audit::entry(
+            "policy_override",
+            &format!("plan of config {}", plan.config_hash),
+            serde_json::json!({
                 "reason": reason,
                 "overridden": blocking.iter().map(|o| format!("{}: {}", o.set, o.message)).collect::<Vec<_>>(),
             }),
-        });
+        ));
         eprintln!(
             "policy: soft-mandatory denials overridden by {}: {reason}",
             kiln_engine::actor()

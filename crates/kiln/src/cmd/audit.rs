@@ -79,18 +79,21 @@ pub fn run(global: &GlobalArgs, command: Command) -> Result<ExitCode> {
     }
 }
 
-/// Records one entry of the CLI's own (a revocation, a forced unlock, a saved plan).
+/// Records one entry of the CLI's own (a revocation, a forced unlock, a saved plan, an
+/// approval), with the git commit of the config's directory when there is one.
 pub fn record(db: &StateStore, kind: &str, subject: &str, data: serde_json::Value) -> Result<()> {
     let now = kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
-    db.append_audit(
-        &[NewAuditEntry {
-            actor: kiln_engine::actor(),
-            kind: kind.to_owned(),
-            subject: subject.to_owned(),
-            git_commit: None,
-            data,
-        }],
-        now,
-    )?;
+    db.append_audit(&[entry(kind, subject, data)], now)?;
     Ok(())
+}
+
+/// An entry by the person running this command.
+pub fn entry(kind: &str, subject: &str, data: serde_json::Value) -> NewAuditEntry {
+    NewAuditEntry {
+        actor: kiln_engine::actor(),
+        kind: kind.to_owned(),
+        subject: subject.to_owned(),
+        git_commit: crate::project::git_info(std::path::Path::new(".")).map(|g| g.commit),
+        data,
+    }
 }
