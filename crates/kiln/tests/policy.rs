@@ -225,3 +225,59 @@ test_no_greeting_passes if {
         test.stdout
     );
 }
+
+#[test]
+fn revoking_a_base_image_refuses_deploys_of_the_images_built_on_it() {
+    let p = Project::new(
+        r#"
+project = "shop"
+variable "greeting" { default = "hello" }
+image "base" {
+  base = "dir:./rootfs"
+}
+image "web" {
+  base = image.base
+  provisioner "file" {
+    source      = "site"
+    destination = "/www"
+  }
+  entrypoint = ["/bin/sh", "-c", "exec httpd -f -p \"$PORT\" -h /www"]
+}
+service "web" {
+  image     = image.web
+  instances = 1
+  port      = 8080
+  env       = { GREETING = var.greeting }
+  health {
+    path     = "/healthz"
+    interval = "100ms"
+  }
+}
+"#,
+    );
+    p.busybox_rootfs("rootfs");
+    p.write("site/healthz", "ok\n");
+    p.kiln(&["bake"]).ok();
+    let revoke = p
+        .kiln(&[
+            "images",
+            "revoke",
+            "base",
+            "--reason",
+            "CVE-2026-4242 in busybox",
+        ])
+        .ok();
+    assert!(revoke.stdout.contains("revoked base"), "{}", revoke.stdout);
+    let ls = p.kiln(&["images", "ls"]).ok().stdout;
+    assert!(ls.contains("yes, via base"), "{ls}");
+
+    let apply = p.kiln(&["apply", "--auto-approve"]);
+    assert_eq!(apply.code, 1, "{}{}", apply.stdout, apply.stderr);
+    assert!(
+        apply.stderr.contains("built on base") && apply.stderr.contains("CVE-2026-4242"),
+        "{}",
+        apply.stderr
+    );
+    let log = p.kiln(&["audit", "log"]).ok().stdout;
+    assert!(log.contains("revoke"), "{log}");
+}
