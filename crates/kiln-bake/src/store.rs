@@ -429,6 +429,15 @@ impl Store {
             } else {
                 let path = self.image_path(&rec.digest);
                 fs::remove_file(&path).map_err(Error::io("remove image record", &path))?;
+                // Its file manifest (drift checks) goes with it, if it was ever built.
+                let manifest = self
+                    .kiln_dir("manifests")
+                    .join(format!("{}.json", rec.digest.hex()));
+                match fs::remove_file(&manifest) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove manifest", &manifest)(e)),
+                }
                 report.images_removed.push(rec.digest);
             }
         }
@@ -1147,6 +1156,15 @@ mod tests {
             .cache_put(&Digest::of(b"k2"), &entry(&old_web.layers[0]))
             .unwrap();
         fs::write(store.root().join("kiln/tmp/blob-crashed"), b"partial").unwrap();
+        // File manifests (drift checks) of an image that goes and of one that stays.
+        store.manifest(&old_web).unwrap();
+        store.manifest(&web).unwrap();
+        let manifest_of = |d: &Digest| {
+            store
+                .root()
+                .join(format!("kiln/manifests/{}.json", d.hex()))
+        };
+        assert!(manifest_of(&old_web.digest).exists());
 
         let unique_to_old: Vec<Digest> = [
             old_web.digest.clone(),
@@ -1162,11 +1180,16 @@ mod tests {
 
         let keep = BTreeSet::from([released.digest.clone()]);
         let report = store.gc(&keep).unwrap();
-        assert_eq!(report.images_removed, vec![old_web.digest]);
+        assert_eq!(report.images_removed, vec![old_web.digest.clone()]);
         // The old manifest, config and layer, and the orphan.
         assert_eq!(report.blobs_removed, 4);
         assert_eq!(report.bytes_freed, expected_bytes);
         assert_eq!(report.cache_entries_removed, 1);
+        assert!(
+            !manifest_of(&old_web.digest).exists(),
+            "its manifest went with it"
+        );
+        assert!(manifest_of(&web.digest).exists());
 
         let names: Vec<(String, Digest)> = store
             .images()
