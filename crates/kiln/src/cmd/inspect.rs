@@ -166,6 +166,15 @@ fn render_status(status: &Status) -> String {
                 traffic.join(", ")
             }
         ));
+        if !s.drift.is_empty() {
+            out.push_str(&format!(
+                "  drift: {} finding(s) at the last check (`kiln drift` for details)\n",
+                s.drift.len()
+            ));
+            for f in s.drift.iter().take(5) {
+                out.push_str(&format!("    {f}\n"));
+            }
+        }
         if let Some(r) = &s.rollout {
             out.push_str(&format!(
                 "  rollout {} → v{}: {}\n",
