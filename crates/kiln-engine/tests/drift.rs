@@ -281,3 +281,34 @@ async fn remediation_replaces_exactly_the_drifted_instance_before_retiring_it() 
     let report = w.engine.drift(None, false).await.unwrap();
     assert!(report.is_clean(), "{}", report.render());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_mode_finds_drift_on_its_own_and_auto_remediate_replaces_it() {
+    let w = world_with(ROLLING, None).await;
+    let settings = kiln_core::model::DriftSettings {
+        interval: std::time::Duration::from_millis(100),
+        auto_remediate: true,
+        watch: false,
+        full_every: 1,
+    };
+    w.apply_with("one", Some(settings)).await.unwrap();
+    w.until("v1 serves", |s| serving(s, 1, 2)).await;
+    let drifted = instance_ids(&w).await[0].clone();
+    assert!(w.control.tamper_env(&drifted, "GREETING", Some("other")));
+    // Nobody calls `drift`: the server's own timed check finds it and replaces the instance.
+    let done = w
+        .until("the drifted instance is replaced on its own", |s| {
+            serving(s, 1, 2) && s.services[0].instances.iter().all(|i| i.id != drifted)
+        })
+        .await;
+    assert_eq!(done.services[0].stable, Some(1));
+    let events = w.engine.events(0).unwrap();
+    let found = events.iter().any(|e| {
+        e.kind == "drift" && e.message.contains("drift found") && e.message.contains(&drifted)
+    });
+    assert!(found, "{events:#?}");
+    let applied = events
+        .iter()
+        .any(|e| e.kind == "drift" && e.message.starts_with(&format!("replacing {drifted}")));
+    assert!(applied, "{events:#?}");
+}

@@ -97,6 +97,15 @@ pub async fn world_with(rollout: &str, webhook: Option<&str>) -> World {
 impl World {
     /// Bakes the (empty) image and applies the config with `greeting`.
     pub async fn apply(&self, greeting: &str) -> Result<ApplyResponse, kiln_engine::Error> {
+        self.apply_with(greeting, None).await
+    }
+
+    /// [`World::apply`], also setting the `drift` block's settings when given.
+    pub async fn apply_with(
+        &self,
+        greeting: &str,
+        drift: Option<kiln_core::model::DriftSettings>,
+    ) -> Result<ApplyResponse, kiln_engine::Error> {
         let overrides = [kiln_core::model::VarOverride {
             name: "greeting".into(),
             value: greeting.into(),
@@ -130,13 +139,16 @@ impl World {
         let (services, balancers, _) = desired(&config, &digests);
         let db = kiln_state::StateStore::open(&self.paths.state_db(), SystemClock.now()).unwrap();
         let current = db.read::<State>().unwrap();
-        let plan = kiln_core::plan::plan(
+        let mut plan = kiln_core::plan::plan(
             &current.lineage,
             current.serial,
             &services,
             &balancers,
             &current.doc,
         );
+        if let Some(settings) = drift {
+            plan = plan.with_drift_settings(settings, &current.doc);
+        }
         self.engine
             .apply(ApplyRequest {
                 plan,
