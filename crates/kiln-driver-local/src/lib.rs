@@ -251,7 +251,8 @@ impl LocalDriver {
 
     fn spawn(&self, spec: &InstanceSpec, sandbox: &Sandbox) -> Result<Record, DriverError> {
         let rt = |e: io::Error| DriverError::runtime("start", &spec.id, e);
-        let (mut cmd, root) = sandbox.command(spec)?;
+        let (cmd, root) = sandbox.command(spec)?;
+        let mut cmd = gated(&cmd);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -262,7 +263,7 @@ impl LocalDriver {
                     format!("open log {}: {e}", spec.log_path.display()),
                 ))
             })?;
-        cmd.stdin(Stdio::null())
+        cmd.stdin(Stdio::piped())
             .stdout(log.try_clone().map_err(rt)?)
             .stderr(log)
             .process_group(0);
@@ -274,6 +275,7 @@ impl LocalDriver {
             );
         }
         let mut child = cmd.spawn().map_err(rt)?;
+        let gate = child.stdin.take();
         let pid = i32::try_from(child.id()).map_err(|e| rt(io::Error::other(e)))?;
         // Not reaped yet, so the pid (maybe a zombie) still names our child.
         let leader = procfs::stat(pid)
@@ -311,6 +313,17 @@ impl LocalDriver {
         if let Err(e) = provisional.write(&self.runtime_dir) {
             let _ = child.kill();
             let _ = child.wait();
+            return Err(rt(e));
+        }
+        // Only now may the sandbox start: a kiln killed before this point leaves a gate that
+        // reads end-of-file and exits, never an instance that no record names.
+        let opened = gate.map_or(Err(io::Error::other("no gate pipe")), |mut g| {
+            io::Write::write_all(&mut g, b"go\n")
+        });
+        if let Err(e) = opened {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Record::remove(&self.runtime_dir, &spec.id);
             return Err(rt(e));
         }
         let init = match sandbox {
@@ -444,6 +457,11 @@ fn app_of(record: &Record) -> Option<(Proc, Option<NsInit>)> {
 /// it execs; under chroot the leader is `chroot ROOTFS …`, then the shell that changes to the
 /// workdir, before it is the app.
 fn still_launching(record: &Record, init: Option<&NsInit>, args: &[String]) -> bool {
+    // Between exec calls the command line reads empty; before the gate opens it is the gate's.
+    let gate = args.len() > 2 && args[0] == "/bin/sh" && args[1] == "-c" && args[2] == GATE;
+    if args.is_empty() || gate {
+        return true;
+    }
     match init {
         Some(init) => procfs::cmdline(init.proc.pid).is_ok_and(|own| own == args),
         None => {
@@ -701,6 +719,39 @@ impl Driver for LocalDriver {
     }
 }
 
+/// The shell script that holds a new instance until kiln says go: it reads one line from its
+/// stdin (a pipe from kiln) and only on `go` becomes the sandbox (same pid, same start time, so
+/// the run record written before names it). If kiln dies first, the pipe closes, the read ends
+/// and nothing starts.
+const GATE: &str = r#"IFS= read -r go && [ "$go" = go ] && exec "$@"; exit 125"#;
+
+/// `cmd` behind [`GATE`]: the same program, arguments and environment, started by `/bin/sh`.
+fn gated(cmd: &std::process::Command) -> std::process::Command {
+    let mut gated = std::process::Command::new("/bin/sh");
+    gated
+        .arg("-c")
+        .arg(GATE)
+        .arg("kiln-instance")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        // The sandbox commands start from an empty environment and set what they pass on.
+        .env_clear();
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(v) => {
+                gated.env(key, v);
+            }
+            None => {
+                gated.env_remove(key);
+            }
+        }
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        gated.current_dir(dir);
+    }
+    gated
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -728,6 +779,29 @@ mod tests {
     }
 
     #[test]
+    fn the_gate_starts_nothing_unless_kiln_says_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = |say: Option<&[u8]>| {
+            let marker = dir.path().join("started");
+            let _ = fs::remove_file(&marker);
+            let mut inner = std::process::Command::new("/bin/sh");
+            inner.arg("-c").arg(format!("echo > {}", marker.display()));
+            let mut child = gated(&inner).stdin(Stdio::piped()).spawn().expect("spawn");
+            let mut gate = child.stdin.take().expect("gate");
+            if let Some(line) = say {
+                io::Write::write_all(&mut gate, line).expect("write");
+            }
+            // Dropping the pipe is what kiln dying does.
+            drop(gate);
+            let status = child.wait().expect("wait");
+            (status.code(), marker.exists())
+        };
+        assert_eq!(run(None), (Some(125), false), "kiln gone: nothing starts");
+        assert_eq!(run(Some(b"no\n")), (Some(125), false));
+        assert_eq!(run(Some(b"go\n")), (Some(0), true));
+    }
+
+    #[test]
     fn tells_a_launching_sandbox_from_the_app() {
         // bubblewrap: the app still shows its init's (bubblewrap's) command line. This test
         // process plays the init.
@@ -749,6 +823,16 @@ mod tests {
             args(&["/usr/sbin/chroot", "/images/web", "/app/web"]),
             args(&["chroot", "--userspec=1:1", "/images/web", "/app/web"]),
             args(&["/bin/sh", "-c", sandbox::CHROOT_CD, "/srv", "/app/web"]),
+            // Waiting at the gate, and between two execs (the command line reads empty).
+            args(&[
+                "/bin/sh",
+                "-c",
+                GATE,
+                "kiln-instance",
+                "/usr/sbin/chroot",
+                "/x",
+            ]),
+            Vec::new(),
         ] {
             assert!(still_launching(&chroot, None, &launching), "{launching:?}");
         }
@@ -756,7 +840,6 @@ mod tests {
             args(&["/app/web", "/images/web"]),
             args(&["/bin/sh", "-c", "echo hi"]),
             args(&["/usr/sbin/chroot", "/elsewhere", "/x"]),
-            Vec::new(),
         ] {
             assert!(!still_launching(&chroot, None, &app), "{app:?}");
         }
