@@ -262,11 +262,7 @@ impl Engine {
     pub(crate) fn sync_tables(&self, world: &mut World) {
         let tables = expected_tables(world);
         for (name, table) in tables {
-            let same = world
-                .tables
-                .get(&name)
-                .is_some_and(|t| format!("{t:?}") == format!("{table:?}"));
-            if !same {
+            if world.tables.get(&name) != Some(&table) {
                 self.shared.proxy.set_service(&name, table.clone());
                 world.tables.insert(name, table);
             }

@@ -38,7 +38,7 @@ pub struct RouteTarget {
 }
 
 /// Everything the proxy needs to serve one service: its release pools and how to check health.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceTable {
     /// One pool per release that has instances.
     pub pools: Vec<Pool>,
@@ -53,7 +53,7 @@ pub struct ServiceTable {
 }
 
 /// The instances of one release and the share of requests they get.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
     /// The release number (`v3` is 3).
     pub release: u32,
@@ -68,7 +68,7 @@ pub struct Pool {
 }
 
 /// One instance as the proxy sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
     /// The instance id, unique across the proxy; health state is kept by id.
     pub id: String,
