@@ -81,8 +81,11 @@ pub(crate) struct Shared {
     pub(crate) notifier: crate::notify::Notifier,
     /// Wakes the continuous drift loop when its settings change.
     pub(crate) drift_wake: Notify,
-    /// Per image root, what the last verification found unchanged (drift checks).
-    pub(crate) verify_caches: Mutex<BTreeMap<kiln_core::Digest, kiln_bake::verify_tree::StatCache>>,
+    /// Per image root, its file manifest and what the last verification found unchanged
+    /// (drift checks).
+    pub(crate) verify_caches: Mutex<
+        BTreeMap<kiln_core::Digest, (Arc<kiln_bake::Manifest>, kiln_bake::verify_tree::StatCache)>,
+    >,
 }
 
 /// The engine's view of the world, guarded by one lock.

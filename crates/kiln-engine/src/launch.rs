@@ -89,10 +89,7 @@ impl Engine {
         port: u16,
     ) -> Result<kiln_driver::Handle> {
         let images = &self.shared.images;
-        let record = images
-            .image(&rel.image_digest)?
-            .ok_or_else(|| Error::ImageMissing(rel.image_digest.clone()))?;
-        let config: ImageConfig = images.read_blob_json(&record.config_digest)?;
+        let config = self.image_config(&rel.image_digest)?;
         let rootfs = rootfs::materialize(&self.shared.cfg.paths, images, &rel.image_digest)?;
         let env = instance_env(&config, service, rel, id, port);
 
@@ -174,7 +171,7 @@ fn resolve_user(rootfs: &std::path::Path, user: &str) -> Result<kiln_driver::Use
 }
 
 /// The whole environment of an instance: the image's, then the release's, then kiln's own.
-fn instance_env(
+pub(crate) fn instance_env(
     config: &ImageConfig,
     service: &str,
     rel: &kiln_core::state::Release,
@@ -191,19 +188,12 @@ fn instance_env(
 }
 
 impl Engine {
-    /// The environment kiln gives instance `id` of `rel` (what a drift check expects to find).
-    pub(crate) fn instance_env(
-        &self,
-        service: &str,
-        rel: &kiln_core::state::Release,
-        id: &str,
-        port: u16,
-    ) -> Result<std::collections::BTreeMap<String, String>> {
+    /// The run settings (entrypoint, cmd, env) of an image in the store.
+    pub(crate) fn image_config(&self, image: &kiln_core::Digest) -> Result<ImageConfig> {
         let images = &self.shared.images;
         let record = images
-            .image(&rel.image_digest)?
-            .ok_or_else(|| Error::ImageMissing(rel.image_digest.clone()))?;
-        let config: ImageConfig = images.read_blob_json(&record.config_digest)?;
-        Ok(instance_env(&config, service, rel, id, port))
+            .image(image)?
+            .ok_or_else(|| Error::ImageMissing(image.clone()))?;
+        Ok(images.read_blob_json(&record.config_digest)?)
     }
 }
