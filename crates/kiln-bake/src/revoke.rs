@@ -121,32 +121,42 @@ impl Store {
         Ok(out)
     }
 
+    /// The images `record` is built on, nearest first (its `parent`, the parent's parent, …),
+    /// as far as the store has their records. A hand-edited record could loop: the walk stops
+    /// at a digest seen before, and after 64 levels.
+    pub fn ancestry(&self, record: &ImageRecord) -> Result<Vec<ImageRecord>> {
+        let mut out: Vec<ImageRecord> = Vec::new();
+        let mut parent = record.parent.clone();
+        while let Some(digest) = parent.take() {
+            if out.len() >= 64 || digest == record.digest || out.iter().any(|r| r.digest == digest)
+            {
+                break;
+            }
+            let Some(rec) = self.image(&digest)? else {
+                break;
+            };
+            parent = rec.parent.clone();
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
     /// The revocation in effect at `now` for `record`: its own, or the nearest ancestor's.
     pub fn revoked(&self, record: &ImageRecord, now: SystemTime) -> Result<Option<Revoked>> {
         let revocations = self.revocations()?;
         if revocations.is_empty() {
             return Ok(None);
         }
-        let mut current = Some(record.clone());
-        let mut inherited = false;
-        // An ancestry is finite, but a hand-edited record could loop: stop after 64 levels.
-        for _ in 0..64 {
-            let Some(rec) = current else {
-                break;
-            };
+        let ancestry = std::iter::once(record.clone()).chain(self.ancestry(record)?);
+        for (depth, rec) in ancestry.enumerate() {
             if let Some(r) = revocations.get(&rec.digest)
                 && r.in_effect(now)
             {
                 return Ok(Some(Revoked {
                     revocation: r.clone(),
-                    inherited,
+                    inherited: depth > 0,
                 }));
             }
-            current = match &rec.parent {
-                Some(parent) => self.image(parent)?,
-                None => None,
-            };
-            inherited = true;
         }
         Ok(None)
     }

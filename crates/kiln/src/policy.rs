@@ -96,15 +96,11 @@ fn image_facts(store: &Store, digest: &Digest, now: SystemTime) -> Result<ImageF
         .is_ok_and(|b| Digest::of(&b) == record.digest)
         && record.layers.iter().all(|l| store.has_blob(&l.digest));
     let config: kiln_bake::oci::ImageConfig = store.read_blob_json(&record.config_digest)?;
-    let mut ancestry = Vec::new();
-    let mut parent = record.parent.clone();
-    while let Some(p) = parent.take() {
-        if ancestry.contains(&p) || ancestry.len() > 64 {
-            break;
-        }
-        parent = store.image(&p)?.and_then(|r| r.parent);
-        ancestry.push(p);
-    }
+    let ancestry = store
+        .ancestry(&record)?
+        .into_iter()
+        .map(|r| r.digest)
+        .collect();
     let built = humantime::parse_rfc3339(&record.built_at).ok();
     let age_seconds = built
         .and_then(|b| now.duration_since(b).ok())
