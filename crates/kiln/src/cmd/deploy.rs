@@ -342,46 +342,18 @@ pub fn run_apply(global: &GlobalArgs, plan: Plan, detach: bool) -> Result<ExitCo
     })
 }
 
-/// Prints events until no instance is waiting to be replaced (a drift remediation).
+/// Prints events until no instance is waiting to be replaced (a drift remediation), for at
+/// most 10 minutes.
 async fn follow_replacements(client: &Client) -> Result<ExitCode> {
-    let events: Vec<kiln_state::Event> = client.get("/v1/events?after=0").await?;
-    let mut after = events
-        .iter()
-        .rev()
-        .find(|e| e.kind == "apply")
-        .map_or(0, |e| e.id);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    loop {
-        let status: Status = client.get("/v1/status").await?;
-        let waiting = status
+    let waiting = |status: &Status| {
+        status
             .services
             .iter()
             .flat_map(|s| &s.instances)
-            .any(|i| i.replacing.is_some());
-        let events: Vec<kiln_state::Event> =
-            client.get(&format!("/v1/events?after={after}")).await?;
-        for e in &events {
-            after = e.id;
-            if e.kind != "traffic" {
-                eprintln!("{}: {}", e.service.as_deref().unwrap_or("kiln"), e.message);
-            }
-        }
-        if !waiting {
-            return Ok(ExitCode::SUCCESS);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "the drifted instances were not all replaced within 10 minutes; see `kiln status`"
-            );
-        }
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("stopped following; the replacements go on in the server (`kiln status`)");
-                return Ok(ExitCode::SUCCESS);
-            }
-            () = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-    }
+            .any(|i| i.replacing.is_some())
+    };
+    let deadline = Some(Duration::from_secs(600));
+    follow_while(client, "apply", waiting, deadline, "the replacements").await
 }
 
 /// Prints events, from the newest event of kind `start` on, until the rollout of every service
@@ -393,20 +365,37 @@ pub async fn follow(
     releases: &BTreeMap<String, u32>,
     start: &str,
 ) -> Result<ExitCode> {
-    let mut after = 0u64;
+    let busy = |status: &Status| {
+        status.services.iter().any(|s| {
+            releases.contains_key(&s.name) && s.rollout.as_ref().is_some_and(|r| !r.promoted)
+        })
+    };
+    follow_while(client, start, busy, None, "the rollout").await
+}
+
+/// Prints the server's events from the newest of kind `start` on while `busy` holds, then one
+/// more round; exit 1 if a rollout failed meanwhile. `what` names the work for the messages.
+async fn follow_while(
+    client: &Client,
+    start: &str,
+    busy: impl Fn(&Status) -> bool,
+    limit: Option<Duration>,
+    what: &str,
+) -> Result<ExitCode> {
     let events: Vec<kiln_state::Event> = client.get("/v1/events?after=0").await?;
-    if let Some(last) = events.iter().rev().find(|e| e.kind == start) {
-        after = last.id;
-    }
+    let mut after = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == start)
+        .map_or(0, |e| e.id);
+    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
     let mut failed = false;
     let mut finished = false;
     loop {
-        // Status first, then events: a rollout that ends between the two calls still has its
-        // last events (and its verdict) read before the loop stops.
+        // Status first, then events: work that ends between the two calls still has its last
+        // events (and a rollout its verdict) read before the loop stops.
         let status: Status = client.get("/v1/status").await?;
-        let busy = status.services.iter().any(|s| {
-            releases.contains_key(&s.name) && s.rollout.as_ref().is_some_and(|r| !r.promoted)
-        });
+        let still = busy(&status);
         let events: Vec<kiln_state::Event> =
             client.get(&format!("/v1/events?after={after}")).await?;
         for e in &events {
@@ -424,14 +413,17 @@ pub async fn follow(
         if finished {
             break;
         }
-        if !busy {
-            // One more round, so that events written as the rollout ended are shown too.
+        if !still {
+            // One more round, so that events written as the work ended are shown too.
             finished = true;
             continue;
         }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
+            bail!("{what} did not finish in time; see `kiln status`");
+        }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("stopped following; the rollout goes on in the server (`kiln status --watch` to follow again)");
+                eprintln!("stopped following; {what} goes on in the server (`kiln status --watch` to follow again)");
                 return Ok(ExitCode::SUCCESS);
             }
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
