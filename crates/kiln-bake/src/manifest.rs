@@ -46,7 +46,8 @@ use crate::error::{Error, Result};
 use crate::record::{ImageRecord, LayerRecord};
 use crate::store::{IO_BUF, Store};
 use crate::unpack::{
-    bad_archive, decompress, for_each_layer, member_path, target_escapes, unsafe_entry,
+    bad_archive, decompress, for_each_layer, hard_link_target, member_path, target_escapes,
+    unsafe_entry,
 };
 
 /// Every path of an image's root filesystem, as [`apply_layers`](crate::unpack::apply_layers)
@@ -411,24 +412,9 @@ impl Tree {
     }
 
     fn make_hard_link(&mut self, rel: &Path, name: &str, target: &[u8]) -> Result<()> {
-        let target_name = String::from_utf8_lossy(target).into_owned();
-        let target_rel = member_path(target, &target_name).map_err(|_| {
-            unsafe_entry(
-                name,
-                format!("is a hard link to {target_name:?}, which escapes the image root"),
-            )
-        })?;
-        if !self.members.contains(&target_rel) {
-            return Err(unsafe_entry(
-                name,
-                format!(
-                    "is a hard link to {target_name:?}, which is not an earlier member of the archive"
-                ),
-            ));
-        }
-        if target_rel == rel {
+        let Some(target_rel) = hard_link_target(target, name, rel, &self.members)? else {
             return Ok(());
-        }
+        };
         let target_parent = target_rel.parent().unwrap_or(Path::new(""));
         self.check_dirs(target_parent, name, false)?;
         let linked = match self.entries.get(&target_rel) {
@@ -437,7 +423,10 @@ impl Tree {
             }) => {
                 return Err(unsafe_entry(
                     name,
-                    format!("is a hard link to the directory {target_name:?}"),
+                    format!(
+                        "is a hard link to the directory {:?}",
+                        String::from_utf8_lossy(target)
+                    ),
                 ));
             }
             Some(e) => e.clone(),

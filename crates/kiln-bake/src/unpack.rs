@@ -200,6 +200,33 @@ pub(crate) fn bad_archive(e: io::Error) -> Error {
     }
 }
 
+/// Where a hard link entry `name` points: a path inside the root that an earlier member of
+/// the archive made (so a layer cannot link to a host file), or `None` when it names itself.
+/// Shared by the extractor and by the manifest that replays it.
+pub(crate) fn hard_link_target(
+    target: &[u8],
+    name: &str,
+    rel: &Path,
+    members: &HashSet<PathBuf>,
+) -> Result<Option<PathBuf>> {
+    let target_name = String::from_utf8_lossy(target).into_owned();
+    let target_rel = member_path(target, &target_name).map_err(|_| {
+        unsafe_entry(
+            name,
+            format!("is a hard link to {target_name:?}, which escapes the image root"),
+        )
+    })?;
+    if !members.contains(&target_rel) {
+        return Err(unsafe_entry(
+            name,
+            format!(
+                "is a hard link to {target_name:?}, which is not an earlier member of the archive"
+            ),
+        ));
+    }
+    Ok((target_rel != rel).then_some(target_rel))
+}
+
 /// Normalises a member name lexically into a relative path (empty for the root itself).
 pub(crate) fn member_path(raw: &[u8], name: &str) -> Result<PathBuf> {
     if raw.starts_with(b"/") {
@@ -530,24 +557,9 @@ impl Extractor {
     }
 
     fn make_hard_link(&mut self, rel: &Path, name: &str, target: &[u8]) -> Result<()> {
-        let target_name = String::from_utf8_lossy(target).into_owned();
-        let target_rel = member_path(target, &target_name).map_err(|_| {
-            unsafe_entry(
-                name,
-                format!("is a hard link to {target_name:?}, which escapes the image root"),
-            )
-        })?;
-        if !self.members.contains(&target_rel) {
-            return Err(unsafe_entry(
-                name,
-                format!(
-                    "is a hard link to {target_name:?}, which is not an earlier member of the archive"
-                ),
-            ));
-        }
-        if target_rel == rel {
+        let Some(target_rel) = hard_link_target(target, name, rel, &self.members)? else {
             return Ok(());
-        }
+        };
         let target_parent = target_rel.parent().unwrap_or(Path::new(""));
         self.check_dirs(target_parent, name, false)?;
         let target_abs = self.root.join(&target_rel);
@@ -556,7 +568,10 @@ impl Extractor {
         if target_meta.is_dir() {
             return Err(unsafe_entry(
                 name,
-                format!("is a hard link to the directory {target_name:?}"),
+                format!(
+                    "is a hard link to the directory {:?}",
+                    String::from_utf8_lossy(target)
+                ),
             ));
         }
         let abs = self.prepare_parent(rel, name)?;
