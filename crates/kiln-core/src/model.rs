@@ -41,6 +41,24 @@ pub struct Config {
     /// The built-in policy pack's settings (`policy "builtin"`).
     #[serde(default)]
     pub builtin_policy: BuiltinPolicyConfig,
+    /// The `target "aws"` block, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsTarget>,
+    /// The `backend` block; `None` keeps the state in SQLite under `.kiln/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+}
+
+impl Config {
+    /// The target every service runs on (the config allows one per project): the local
+    /// runtime unless a service names `target.aws`.
+    pub fn target(&self) -> TargetKind {
+        self.services
+            .values()
+            .map(|s| s.target)
+            .max()
+            .unwrap_or_default()
+    }
 }
 
 /// The environment a config deploys to.
@@ -106,6 +124,115 @@ impl Default for BuiltinPolicyConfig {
             max_image_age: Duration::from_secs(90 * 24 * 3600),
         }
     }
+}
+
+/// Where a service's instances run and where an image is published: kiln's local runtime
+/// (the default) or the `target "aws"` block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    /// Sandboxed processes on this machine behind kiln's proxy.
+    #[default]
+    Local,
+    /// EC2 instances in Auto Scaling groups behind an application load balancer.
+    Aws,
+}
+
+impl TargetKind {
+    /// Whether this is the local runtime.
+    pub fn is_local(&self) -> bool {
+        *self == Self::Local
+    }
+
+    /// The name used in config references (`target.aws`) and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Aws => "aws",
+        }
+    }
+}
+
+/// The `target "aws"` block: where and how instances and AMIs are made on AWS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwsTarget {
+    /// The region, e.g. `eu-west-1`.
+    pub region: String,
+    /// Another endpoint for every AWS service (an emulator such as moto); `None` for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// The VPC; taken from the first subnet when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+    /// Subnets for instances and the load balancers (at least one; two zones for an ALB).
+    pub subnets: Vec<String>,
+    /// Security groups of instances and load balancers.
+    pub security_groups: Vec<String>,
+    /// The instance type of service instances, e.g. `t3.small`.
+    pub instance_type: String,
+    /// An EC2 key pair for SSH; `None` (the default) launches instances without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// The IAM instance profile of instances and AMI builders (it must allow SSM and reading
+    /// the artifact bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<String>,
+    /// The S3 bucket that image archives are uploaded to for AMI builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_bucket: Option<String>,
+    /// What AMIs are built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ami: Option<SourceAmi>,
+    /// The instance type of AMI builders; `instance_type` when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_instance_type: Option<String>,
+    /// Tags added to everything kiln creates (keys starting `kiln:` or `aws:` are reserved).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The AMI an AWS image build starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceAmi {
+    /// `source_ami = "ami-…"`.
+    Id {
+        /// The AMI id.
+        id: String,
+    },
+    /// `source_ami_filter { … }`, as Packer's.
+    Filter {
+        /// DescribeImages filters, e.g. `name = "debian-12-amd64-*"`.
+        filters: BTreeMap<String, Vec<String>>,
+        /// Owner account ids or aliases (`amazon`, `self`).
+        owners: Vec<String>,
+        /// Take the newest match; without it, several matches are an error.
+        most_recent: bool,
+    },
+}
+
+/// Where the state is kept (the `backend` block); the default is SQLite in `.kiln/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Backend {
+    /// `backend "s3"`: the state in a versioned S3 bucket, the lock in DynamoDB.
+    S3(S3Backend),
+}
+
+/// The `backend "s3"` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Backend {
+    /// The versioned bucket.
+    pub bucket: String,
+    /// The state object's key.
+    pub key: String,
+    /// The bucket's region.
+    pub region: String,
+    /// The DynamoDB table holding the lock (string partition key `LockID`).
+    pub dynamodb_table: String,
+    /// Another endpoint (an emulator); `None` for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
 }
 
 /// Continuous drift detection in `kiln server` (the `drift` block).
@@ -186,6 +313,10 @@ pub struct Image {
     pub provisioners: Vec<Provisioner>,
     /// How an instance of the image runs.
     pub run: RunConfig,
+    /// Where else the image is published: `target.aws` also makes an AMI of it. Not part of
+    /// the image's content, so it changes no digest.
+    #[serde(skip)]
+    pub target: TargetKind,
     /// Where the block starts.
     pub loc: Loc,
 }
@@ -333,6 +464,9 @@ pub struct Service {
     /// The service's own `notify` blocks (the top-level ones apply as well).
     #[serde(default)]
     pub notify: Vec<Notify>,
+    /// Where its instances run.
+    #[serde(default, skip_serializing_if = "TargetKind::is_local")]
+    pub target: TargetKind,
     /// Where the block starts.
     pub loc: Loc,
 }

@@ -312,10 +312,11 @@ impl RefCheck<'_> {
             "var" => ("variable", &self.names.vars),
             "image" => ("image", &self.names.images),
             "service" => ("service", &self.names.services),
+            "target" => ("target", &self.names.targets),
             _ if self.bound.iter().any(|b| b == name) => return,
             _ => {
-                let help = suggest(name, ["var", "image", "service"]).or_else(|| {
-                    Some("references start with `var.`, `image.` or `service.`".into())
+                let help = suggest(name, ["var", "image", "service", "target"]).or_else(|| {
+                    Some("references start with `var.`, `image.`, `service.` or `target.`".into())
                 });
                 self.problems
                     .push((span(root), format!("unknown name `{name}`"), help));

@@ -14,6 +14,7 @@ use crate::model::{Base, FileStep, Image, Owner, Provisioner, RunConfig, Script,
 const IMAGE: Schema = Schema {
     what: "image block",
     attrs: &[
+        "target",
         "base",
         "entrypoint",
         "cmd",
@@ -97,12 +98,14 @@ impl Loader<'_> {
             .blocks("provisioner")
             .filter_map(|b| self.provisioner(b))
             .collect();
+        let target = self.target_ref(&fields);
         let image = Image {
             name: name.to_owned(),
             base,
             base_loc: self.loc(base_span.start),
             provisioners,
             run,
+            target,
             loc,
         };
         (image, base_span)

@@ -15,6 +15,7 @@ mod graph;
 mod image;
 mod notify;
 mod service;
+mod target;
 #[cfg(test)]
 mod tests;
 mod vars;
@@ -69,6 +70,8 @@ const TOP: Schema = Schema {
         "drift",
         "environment",
         "policy",
+        "target",
+        "backend",
     ],
 };
 
@@ -106,6 +109,8 @@ struct Names {
     unset_vars: BTreeSet<String>,
     images: BTreeSet<String>,
     services: BTreeSet<String>,
+    /// `local` and the declared `target` blocks.
+    targets: BTreeSet<String>,
 }
 
 /// What a reference written as text (`"image.web"`) names.
@@ -113,6 +118,7 @@ struct Names {
 enum Ref {
     Image,
     Service,
+    Target,
 }
 
 /// The state of one `load`: the source, the diagnostics so far and the evaluation context.
@@ -145,9 +151,19 @@ impl<'a> Loader<'a> {
         let images = self.declarations(top.blocks("image"));
         let services = self.declarations(top.blocks("service"));
         let balancers = self.declarations(top.blocks("balancer"));
+        let targets = self.declarations(top.blocks("target"));
+        let backends = self.declarations(top.blocks("backend"));
 
         self.names.images = images.iter().map(|(n, _)| n.clone()).collect();
         self.names.services = services.iter().map(|(n, _)| n.clone()).collect();
+        self.names.targets = std::iter::once("local".to_owned())
+            .chain(
+                targets
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .filter(|n| target::TARGET_KINDS.contains(&n.as_str())),
+            )
+            .collect();
         let variables = self.variables(&variables, overrides);
         let project = self.get(project, Self::string).unwrap_or_default();
 
@@ -161,7 +177,8 @@ impl<'a> Loader<'a> {
             })
             .collect();
         self.base_cycles(&images, &base_spans);
-        let services = services
+        let service_blocks = services;
+        let services = service_blocks
             .iter()
             .map(|(name, block)| (name.clone(), self.service(name, block)))
             .collect();
@@ -185,7 +202,9 @@ impl<'a> Loader<'a> {
                 policies.push(self.policy_set(name, block));
             }
         }
-        Config {
+        let aws = self.targets(&targets);
+        let backend = self.backend(&backends);
+        let config = Config {
             project,
             variables,
             images,
@@ -196,7 +215,12 @@ impl<'a> Loader<'a> {
             environment,
             policies,
             builtin_policy,
-        }
+            aws,
+            backend,
+        };
+        let aws_block = targets.iter().find(|(n, _)| n == "aws").map(|(_, b)| *b);
+        self.check_targets(&config, &service_blocks, aws_block);
+        config
     }
 
     /// The `environment` block.
@@ -377,6 +401,7 @@ impl<'a> Loader<'a> {
         let (what, known) = match kind {
             Ref::Image => ("image", &self.names.images),
             Ref::Service => ("service", &self.names.services),
+            Ref::Target => ("target", &self.names.targets),
         };
         if known.contains(name) {
             return true;
@@ -396,6 +421,7 @@ impl<'a> Loader<'a> {
         let root = match kind {
             Ref::Image => "image",
             Ref::Service => "service",
+            Ref::Target => "target",
         };
         let name = match value {
             hcl::Value::String(text) => text.strip_prefix(root).and_then(|t| t.strip_prefix('.')),
@@ -414,6 +440,7 @@ impl<'a> Loader<'a> {
                 let known = match kind {
                     Ref::Image => &self.names.images,
                     Ref::Service => &self.names.services,
+                    Ref::Target => &self.names.targets,
                 };
                 known
                     .contains(text)

@@ -16,7 +16,7 @@ use crate::model::{Analysis, CanaryStep, Health, Rollout, Service, Strategy};
 
 const SERVICE: Schema = Schema {
     what: "service block",
-    attrs: &["image", "instances", "port", "env"],
+    attrs: &["image", "instances", "port", "env", "target"],
     blocks: &["health", "rollout", "notify"],
 };
 
@@ -88,6 +88,7 @@ impl Loader<'_> {
         let rollout = self.single_block(&fields, "rollout");
         let rollout = self.rollout(rollout);
         let notify = self.notify_blocks(&fields);
+        let target = self.target_ref(&fields);
         Service {
             name: name.to_owned(),
             image: image.unwrap_or_default(),
@@ -97,6 +98,7 @@ impl Loader<'_> {
             health,
             rollout,
             notify,
+            target,
             loc: self.loc(span(&block.ident).start),
         }
     }

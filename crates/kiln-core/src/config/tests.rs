@@ -847,7 +847,7 @@ fn expressions_evaluate_and_their_errors_point_at_them() {
               |
             7 |   workdir = foo
               |             ^^^
-              = help: references start with `var.`, `image.` or `service.`
+              = help: references start with `var.`, `image.`, `service.` or `target.`
 
             kiln.hcl:8:32: error: expected a string, number or bool, found a list
               |
@@ -1099,5 +1099,250 @@ policy "builtin" {
               |
             3 |   enforcement = "strict"
               |                 ^^^^^^^^"#]],
+    );
+}
+
+const AWS_PROJECT: &str = r#"project = "shop"
+target "aws" {
+  region          = "eu-west-1"
+  endpoint_url    = "http://127.0.0.1:5055"
+  subnets         = ["subnet-0a1", "subnet-0b2"]
+  security_groups = ["sg-0c3"]
+  instance_type   = "t3.small"
+  artifact_bucket = "shop-kiln-artifacts"
+  tags            = { team = "storefront", cost = 42 }
+  source_ami_filter {
+    filters     = { name = "debian-12-amd64-*", "virtualization-type" = ["hvm"] }
+    owners      = ["136693071363"]
+    most_recent = true
+  }
+}
+backend "s3" {
+  bucket         = "shop-kiln-state"
+  key            = "prod/kiln.json"
+  region         = "eu-west-1"
+  dynamodb_table = "kiln-locks"
+}
+image "web" {
+  target = target.aws
+}
+service "web" {
+  image  = image.web
+  port   = 8080
+  target = target.aws
+}
+"#;
+
+#[test]
+fn the_aws_target_and_the_s3_backend() {
+    use crate::model::{Backend, SourceAmi, TargetKind};
+    let config = load_ok(AWS_PROJECT, &[]);
+    let aws = config.aws.as_ref().unwrap();
+    assert_eq!(aws.region, "eu-west-1");
+    assert_eq!(aws.endpoint_url.as_deref(), Some("http://127.0.0.1:5055"));
+    assert_eq!(aws.subnets, ["subnet-0a1", "subnet-0b2"]);
+    assert_eq!(aws.security_groups, ["sg-0c3"]);
+    assert_eq!(aws.instance_type, "t3.small");
+    assert_eq!(aws.tags["cost"], "42");
+    let Some(SourceAmi::Filter {
+        filters,
+        owners,
+        most_recent,
+    }) = &aws.source_ami
+    else {
+        panic!("a filter was given: {:?}", aws.source_ami);
+    };
+    assert_eq!(filters["name"], ["debian-12-amd64-*"]);
+    assert_eq!(filters["virtualization-type"], ["hvm"]);
+    assert_eq!(owners, &["136693071363"]);
+    assert!(most_recent);
+    let Some(Backend::S3(s3)) = &config.backend else {
+        panic!("an s3 backend was given");
+    };
+    assert_eq!(
+        (
+            s3.bucket.as_str(),
+            s3.key.as_str(),
+            s3.dynamodb_table.as_str()
+        ),
+        ("shop-kiln-state", "prod/kiln.json", "kiln-locks")
+    );
+    assert_eq!(config.services["web"].target, TargetKind::Aws);
+    assert_eq!(config.images["web"].target, TargetKind::Aws);
+    assert_eq!(config.target(), TargetKind::Aws);
+
+    let local = load_ok(WEB, &[]);
+    assert_eq!(local.target(), TargetKind::Local);
+    assert!(local.aws.is_none() && local.backend.is_none());
+}
+
+#[test]
+fn aws_target_values_are_checked_where_they_are_written() {
+    check(
+        r#"project = "p"
+target "aws" {
+  region          = "Ireland"
+  subnets         = ["subnet-1", "sn-2"]
+  security_groups = []
+  instance_type   = "large"
+  tags            = { "kiln:release" = "1" }
+  source_ami      = "ami-0abc"
+  source_ami_filter {
+    filters = {}
+    owners  = []
+  }
+}
+"#,
+        &[],
+        &expect![[r#"
+            kiln.hcl:3:21: error: expected a region such as "eu-west-1", found string "Ireland"
+              |
+            3 |   region          = "Ireland"
+              |                     ^^^^^^^^^
+
+            kiln.hcl:4:34: error: expected an id such as "subnet-0123abcd", found string "sn-2"
+              |
+            4 |   subnets         = ["subnet-1", "sn-2"]
+              |                                  ^^^^^^
+
+            kiln.hcl:5:21: error: expected at least one sg-… id
+              |
+            5 |   security_groups = []
+              |                     ^^
+
+            kiln.hcl:6:21: error: expected an instance type such as "t3.small", found string "large"
+              |
+            6 |   instance_type   = "large"
+              |                     ^^^^^^^
+
+            kiln.hcl:7:40: error: tag `kiln:release`: keys starting with `kiln:` or `aws:` are reserved
+              |
+            7 |   tags            = { "kiln:release" = "1" }
+              |                                        ^^^
+
+            kiln.hcl:8:3: error: set either `source_ami` or a `source_ami_filter` block, not both
+              |
+            8 |   source_ami      = "ami-0abc"
+              |   ^^^^^^^^^^"#]],
+    );
+    check(
+        r#"project = "p"
+target "gcp" {}
+target "aws" {
+  region = "eu-west-1"
+}
+backend "postgres" {}
+backend "s3" {
+  bucket = "UPPER"
+  key    = "/abs"
+}
+"#,
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:8: error: unknown target `gcp`; expected `aws`
+              |
+            2 | target "gcp" {}
+              |        ^^^^^
+              = help: the local runtime needs no block
+
+            kiln.hcl:3:1: error: missing required attribute `subnets` in target "aws" block
+              |
+            3 | target "aws" {
+              | ^^^^^^^^^^^^
+
+            kiln.hcl:3:1: error: missing required attribute `security_groups` in target "aws" block
+              |
+            3 | target "aws" {
+              | ^^^^^^^^^^^^
+
+            kiln.hcl:3:1: error: missing required attribute `instance_type` in target "aws" block
+              |
+            3 | target "aws" {
+              | ^^^^^^^^^^^^
+
+            kiln.hcl:6:9: error: unknown backend `postgres`; expected `s3`
+              |
+            6 | backend "postgres" {}
+              |         ^^^^^^^^^^
+              = help: without a backend block the state is kept in SQLite under .kiln/
+
+            kiln.hcl:7:1: error: only one `backend` block is allowed: the state lives in one place
+              |
+            7 | backend "s3" {
+              | ^^^^^^^^^^^^"#]],
+    );
+}
+
+#[test]
+fn a_project_deploys_to_one_target_with_images_baked_for_it() {
+    check(
+        r#"project = "p"
+image "web" {}
+service "web" {
+  image  = image.web
+  port   = 80
+  target = target.aws
+}
+service "api" {
+  image  = image.web
+  port   = 81
+  target = target.awz
+}
+"#,
+        &[],
+        &expect![[r#"
+            kiln.hcl:6:12: error: unknown target `aws`
+              |
+            6 |   target = target.aws
+              |            ^^^^^^^^^^
+
+            kiln.hcl:11:12: error: unknown target `awz`
+               |
+            11 |   target = target.awz
+               |            ^^^^^^^^^^"#]],
+    );
+    check(
+        r#"project = "p"
+target "aws" {
+  region          = "eu-west-1"
+  subnets         = ["subnet-1"]
+  security_groups = ["sg-1"]
+  instance_type   = "t3.micro"
+}
+image "web" {}
+image "api" { target = target.aws }
+service "web" {
+  image  = image.web
+  port   = 80
+  target = target.aws
+}
+service "api" {
+  image  = image.api
+  port   = 81
+}
+"#,
+        &[],
+        &expect![[r#"
+            kiln.hcl:2:1: error: image `api` is baked on target.aws, which needs `artifact_bucket` (where image archives are uploaded for AMI builds)
+              |
+            2 | target "aws" {
+              | ^^^^^^^^^^^^
+
+            kiln.hcl:2:1: error: image `api` is baked on target.aws, which needs `source_ami` or a `source_ami_filter` block (the AMI builds start from)
+              |
+            2 | target "aws" {
+              | ^^^^^^^^^^^^
+
+            kiln.hcl:10:1: error: service `web` runs on target.aws but its image `web` is not baked for it
+               |
+            10 | service "web" {
+               | ^^^^^^^^^^^^^
+              = help: add `target = target.aws` to image `web`: `kiln bake` then also makes its AMI
+
+            kiln.hcl:15:1: error: service `api` runs on the local runtime but service `web` on target.aws; a project deploys to one target
+               |
+            15 | service "api" {
+               | ^^^^^^^^^^^^^
+              = help: add `target = target.aws` to service `api`"#]],
     );
 }

@@ -99,6 +99,7 @@ impl Loader<'_> {
         for (root, names) in [
             ("image", &self.names.images),
             ("service", &self.names.services),
+            ("target", &self.names.targets),
         ] {
             // A reference evaluates to the same text as its quoted form, so `image.web` and
             // "image.web" need only one code path afterwards.
