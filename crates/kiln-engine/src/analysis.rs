@@ -31,7 +31,7 @@ impl Engine {
         now_ms: u64,
     ) -> Option<Samples> {
         let since = journal.samples_since()?;
-        let current = self.shared.proxy.metrics(service);
+        let current = self.shared.traffic.metrics(service);
         match world.marks.get(service) {
             Some(mark) if mark.since_ms == since => {
                 let red = |release: u32| {

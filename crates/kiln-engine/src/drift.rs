@@ -88,7 +88,7 @@ impl Engine {
         report.findings.extend(self.unmanaged_processes(&known));
         report.findings.extend(routing_findings(
             &expected_tables,
-            &self.shared.proxy.snapshot().services,
+            &self.shared.traffic.snapshot().services,
             &known,
         ));
 

@@ -1,6 +1,6 @@
 //! The engine: the one owner of a project's running world.
 //!
-//! It holds the state (as last persisted), the runtime driver and the proxy. Changes come from
+//! It holds the state (as last persisted), the runtime driver and the traffic layer (kiln's proxy). Changes come from
 //! two places only: an apply (a plan the user approved) and the reconcile loop, which observes
 //! instances and health and asks the pure core ([`kiln_core::rollout`]) what to do next. Every
 //! decision is persisted before it is carried out, so a killed server resumes from the state.
@@ -16,7 +16,7 @@ use kiln_core::plan::Plan;
 use kiln_core::rollout::{self, Backoff};
 use kiln_core::state::{Release, ReleaseStatus, ServiceState, State};
 use kiln_driver::Driver;
-use kiln_proxy::Proxy;
+use kiln_proxy::Traffic;
 use kiln_state::{LockInfo, LockRequest, NewEvent, StateStore, WriteMeta};
 use tokio::sync::Notify;
 
@@ -72,7 +72,7 @@ pub(crate) struct Shared {
     pub(crate) db: Mutex<StateStore>,
     pub(crate) images: Store,
     pub(crate) driver: Arc<dyn Driver>,
-    pub(crate) proxy: Proxy,
+    pub(crate) traffic: Arc<dyn Traffic>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) world: tokio::sync::Mutex<World>,
     pub(crate) wake: Notify,
@@ -189,7 +189,7 @@ impl Engine {
     pub fn open(
         cfg: EngineConfig,
         driver: Arc<dyn Driver>,
-        proxy: Proxy,
+        traffic: Arc<dyn Traffic>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         cfg.paths
@@ -222,7 +222,7 @@ impl Engine {
                 db: Mutex::new(db),
                 images,
                 driver,
-                proxy,
+                traffic,
                 clock,
                 world: tokio::sync::Mutex::new(world),
                 wake: Notify::new(),
@@ -234,9 +234,10 @@ impl Engine {
         })
     }
 
-    /// The proxy, for tests and the server.
-    pub fn proxy(&self) -> &Proxy {
-        &self.shared.proxy
+    /// What carries requests (kiln's proxy, or a cloud load balancer), for tests and the
+    /// server.
+    pub fn traffic(&self) -> &dyn Traffic {
+        self.shared.traffic.as_ref()
     }
 
     /// Wakes the reconcile loop now.
@@ -492,7 +493,7 @@ impl Engine {
     /// What runs now.
     pub async fn status(&self) -> api::Status {
         let world = self.shared.world.lock().await;
-        let snapshot = self.shared.proxy.snapshot();
+        let snapshot = self.shared.traffic.snapshot();
         let services = world
             .state
             .services
@@ -535,7 +536,7 @@ impl Engine {
     /// Binds a service's `preview_listen` listener while its rollout previews a release
     /// ([`crate::reconcile::preview_release`]) and closes it once the preview is over.
     pub(crate) async fn sync_previews(&self, world: &mut World) {
-        let proxy = &self.shared.proxy;
+        let proxy = &self.shared.traffic;
         let wanted: BTreeMap<String, (u32, String)> = world
             .state
             .services
@@ -555,9 +556,9 @@ impl Engine {
         for name in over {
             if let Some(Some(addr)) = world.previews.remove(&name) {
                 // In the background: preview requests in flight may finish in their own time.
-                let proxy = proxy.clone();
+                let traffic = self.shared.traffic.clone();
                 let balancer = preview_balancer(&name);
-                tokio::spawn(async move { proxy.unbind(&balancer).await });
+                tokio::spawn(async move { traffic.unbind(&balancer).await });
                 let message = format!("preview listener http://{addr}/ closed");
                 world.event(Some(&name), "preview", message);
             }
@@ -586,7 +587,7 @@ impl Engine {
 
     /// Binds listeners for new balancers, closes removed ones, and sets every route.
     pub(crate) async fn sync_balancers(&self, world: &mut World) -> Result<()> {
-        let proxy = &self.shared.proxy;
+        let proxy = &self.shared.traffic;
         let wanted: BTreeSet<String> = world.state.balancers.keys().cloned().collect();
         let gone: Vec<String> = world
             .bound

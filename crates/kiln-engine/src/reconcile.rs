@@ -112,7 +112,7 @@ impl Engine {
                 let health = if !alive {
                     InstanceHealth::Exited
                 } else {
-                    match self.shared.proxy.backend_health(&inst.id) {
+                    match self.shared.traffic.backend_health(&inst.id) {
                         Some(h) => {
                             let since = now_ms.saturating_sub(millis(h.since.elapsed()));
                             if h.healthy {
@@ -218,7 +218,7 @@ impl Engine {
         let service = service.to_owned();
         let id = id.to_owned();
         tokio::spawn(async move {
-            let proxy = &engine.shared.proxy;
+            let proxy = &engine.shared.traffic;
             let outcome = proxy
                 .drain(&service, &id, engine.shared.cfg.drain_timeout)
                 .await;
@@ -263,7 +263,7 @@ impl Engine {
         let tables = expected_tables(world);
         for (name, table) in tables {
             if world.tables.get(&name) != Some(&table) {
-                self.shared.proxy.set_service(&name, table.clone());
+                self.shared.traffic.set_service(&name, table.clone());
                 world.tables.insert(name, table);
             }
         }
@@ -517,7 +517,7 @@ pub(crate) fn service_status(
         .instances
         .iter()
         .map(|inst| {
-            let health = match engine.shared.proxy.backend_health(&inst.id) {
+            let health = match engine.shared.traffic.backend_health(&inst.id) {
                 Some(h) if h.healthy => "healthy",
                 Some(h) if h.checks > 0 && h.passes == 0 && inst.routable => "unhealthy",
                 _ => "starting",

@@ -125,7 +125,7 @@ impl Engine {
             stopping.spawn(async move {
                 let _ = engine
                     .shared
-                    .proxy
+                    .traffic
                     .drain(&service, &inst.id, engine.shared.cfg.drain_timeout)
                     .await;
                 if let Ok(h) = serde_json::from_value::<Handle>(inst.handle.clone()) {
@@ -138,7 +138,7 @@ impl Engine {
         while stopping.join_next().await.is_some() {}
         let names: Vec<String> = world.bound.keys().cloned().collect();
         for name in names {
-            self.shared.proxy.unbind(&name).await;
+            self.shared.traffic.unbind(&name).await;
         }
         world.bound.clear();
         world.dirty = true;

@@ -139,7 +139,7 @@ async fn a_stray_instance_is_unmanaged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weight_changed_in_the_proxy_behind_the_engines_back_is_routing_drift() {
     let w = deployed().await;
-    let snapshot = w.engine.proxy().snapshot();
+    let snapshot = w.engine.traffic().snapshot();
     let pool = &snapshot.services[0].pools[0];
     // Everything to a pool of a release that does not exist, and v1 weighted 0.
     let backends = pool
@@ -151,7 +151,7 @@ async fn a_weight_changed_in_the_proxy_behind_the_engines_back_is_routing_drift(
             routable: b.routable,
         })
         .collect();
-    w.engine.proxy().set_service(
+    w.engine.traffic().set_service(
         "web",
         ServiceTable {
             pools: vec![Pool {
@@ -179,7 +179,7 @@ async fn a_weight_changed_in_the_proxy_behind_the_engines_back_is_routing_drift(
     assert_eq!(plan.summary().update, 1);
     apply(&w, plan).await;
     w.until("the weights are kiln's again", |_| {
-        w.engine.proxy().snapshot().services[0].pools[0].weight == 2
+        w.engine.traffic().snapshot().services[0].pools[0].weight == 2
     })
     .await;
     let report = w.engine.drift(None, false).await.unwrap();

@@ -269,7 +269,7 @@ async fn get_release(addr: std::net::SocketAddr, extra: &str) -> (u16, Option<St
 
 /// A listener of the test's own on the engine's proxy, routing everything to `web`.
 async fn bind_test_balancer(w: &World) -> std::net::SocketAddr {
-    let proxy = w.engine.proxy();
+    let proxy = w.engine.traffic();
     proxy.set_routes(
         "test",
         vec![kiln_proxy::RouteTarget {
@@ -287,7 +287,7 @@ async fn bind_test_balancer(w: &World) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blue_green_preview_reaches_the_new_release_until_promotion() {
     let w = world_with(BLUE_GREEN_PREVIEW).await;
-    let proxy = w.engine.proxy();
+    let proxy = w.engine.traffic();
     let main = bind_test_balancer(&w).await;
     w.apply("one").await.unwrap();
     let first = w.until("v1 serves", |s| serving(s, 1, 2)).await;

@@ -24,4 +24,13 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// A traffic layer other than this proxy (a cloud load balancer) could not do what was
+    /// asked.
+    #[error("balancer {name}: {detail}")]
+    Remote {
+        /// The balancer.
+        name: String,
+        /// What went wrong, as the remote API said.
+        detail: String,
+    },
 }

@@ -59,6 +59,7 @@ mod metrics;
 mod model;
 mod routes;
 mod table;
+mod traffic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -72,6 +73,7 @@ pub use model::{
     BackendHealth, BackendSnapshot, BackendSpec, BalancerSnapshot, DrainOutcome, HealthCheck, Pool,
     PoolSnapshot, ProxyConfig, ProxySnapshot, RouteTarget, ServiceSnapshot, ServiceTable,
 };
+pub use traffic::{BoxFuture, Traffic};
 
 use backend::{Backend, lock};
 use health::CheckSpec;

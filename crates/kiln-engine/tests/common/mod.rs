@@ -65,7 +65,7 @@ pub async fn world_with(rollout: &str, webhook: Option<&str>) -> World {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let control = FakeControl::new();
     let driver = Arc::new(FakeDriver::new(control.clone(), clock.clone()));
-    let proxy = kiln_proxy::Proxy::new(kiln_proxy::ProxyConfig::default());
+    let proxy = Arc::new(kiln_proxy::Proxy::new(kiln_proxy::ProxyConfig::default()));
     let mut cfg = EngineConfig::new(paths.clone());
     cfg.tick = Duration::from_millis(50);
     cfg.drain_timeout = Duration::from_secs(2);

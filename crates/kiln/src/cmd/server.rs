@@ -24,7 +24,7 @@ pub fn run(global: &GlobalArgs) -> Result<ExitCode> {
             paths.runtime(),
             clock.clone(),
         ));
-        let proxy = kiln_proxy::Proxy::new(kiln_proxy::ProxyConfig::default());
+        let proxy = Arc::new(kiln_proxy::Proxy::new(kiln_proxy::ProxyConfig::default()));
         let mut cfg = EngineConfig::new(paths.clone());
         cfg.store = global.store_path();
         let engine = Engine::open(cfg, driver, proxy, clock).with_context(|| {
