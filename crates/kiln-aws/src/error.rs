@@ -15,14 +15,14 @@ pub enum Error {
     /// An AWS call failed for a reason other than the conditions this crate checks (network,
     /// credentials, permissions, a missing bucket or table, throttling…).
     #[error(
-        "{service} {operation} on {target} failed: {detail}; check the credentials (AWS_PROFILE or AWS_ACCESS_KEY_ID), the region, and that the bucket and lock table exist and are reachable"
+        "{service} {operation} on {target} failed: {detail}; check the credentials (AWS_PROFILE or AWS_ACCESS_KEY_ID), the region, and that {target} exists and is reachable"
     )]
     Aws {
-        /// `S3` or `DynamoDB`.
+        /// The service: `S3`, `DynamoDB`, `EC2`, `AutoScaling`, `ELBv2`, `SSM`.
         service: &'static str,
         /// The API call, e.g. `PutObject`.
         operation: &'static str,
-        /// The object or table, e.g. `s3://bucket/key`.
+        /// What the call was about, e.g. `s3://bucket/key` or `launch template kiln-shop-web`.
         target: String,
         /// The SDK's description of the failure.
         detail: String,
@@ -156,4 +156,91 @@ pub enum Error {
     /// The document to write could not be turned into JSON.
     #[error("cannot encode the state document as json: {0}")]
     Encode(#[source] serde_json::Error),
+
+    /// kiln's AWS resources cannot be made what was asked: an instance that stopped or took
+    /// too long while starting, a route the load balancer cannot express, a target without
+    /// subnets, a resource being deleted.
+    #[error("{what}: {detail}")]
+    Fleet {
+        /// The resource or request, e.g. `instance i-0abc (kiln instance web-3)`.
+        what: String,
+        /// What is wrong and what to do about it.
+        detail: String,
+    },
+
+    /// The source AMI of a bake cannot be resolved to exactly one image: no such id, no image
+    /// matches the filters, or several match and `most_recent` is off.
+    #[error("source AMI: {detail}")]
+    SourceAmi {
+        /// What was looked for, what was found, and what to change.
+        detail: String,
+    },
+
+    /// An AMI bake's inputs are unusable; nothing was created.
+    #[error("AMI bake: {detail}")]
+    AmiBake {
+        /// Which input is wrong and how to fix it.
+        detail: String,
+    },
+
+    /// A bake gave up waiting for AWS to reach a state.
+    #[error(
+        "gave up waiting for {what} after {polls} polls; last seen: {last}; raise max_polls or the poll interval if AWS is just slow"
+    )]
+    AmiWait {
+        /// What was awaited, e.g. `builder instance i-0abc to be running`.
+        what: String,
+        /// How many times it was polled.
+        polls: u32,
+        /// What the last poll saw.
+        last: String,
+    },
+
+    /// The install script failed on the builder instance.
+    #[error(
+        "install on builder instance {instance} ended {status} (SSM command {command_id}); {output}"
+    )]
+    AmiInstall {
+        /// The builder instance.
+        instance: String,
+        /// The SSM Run Command id (`aws ssm get-command-invocation` shows the whole output).
+        command_id: String,
+        /// The command's final status, e.g. `Failed` or `TimedOut`.
+        status: String,
+        /// The end of its standard output and error.
+        output: String,
+    },
+
+    /// The builder instance stopped or went away while it was needed.
+    #[error("builder instance {instance}: {detail}")]
+    AmiBuilder {
+        /// The builder instance.
+        instance: String,
+        /// What happened to it.
+        detail: String,
+    },
+
+    /// An AMI is missing, failed, or not kiln's to change.
+    #[error("AMI {ami_id}: {detail}")]
+    Ami {
+        /// The AMI.
+        ami_id: String,
+        /// What is wrong with it and what to do.
+        detail: String,
+    },
+}
+
+/// An [`Error::Aws`] for a failed SDK call; `err` is described with its whole source chain.
+pub(crate) fn aws<E: std::error::Error + 'static>(
+    service: &'static str,
+    operation: &'static str,
+    target: impl Into<String>,
+    err: &E,
+) -> Error {
+    Error::Aws {
+        service,
+        operation,
+        target: target.into(),
+        detail: aws_sdk_s3::error::DisplayErrorContext(err).to_string(),
+    }
 }

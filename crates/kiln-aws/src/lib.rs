@@ -42,14 +42,29 @@
 //! # Ok(()) }
 //! ```
 
+mod ami;
+mod blocker;
 mod config;
 mod error;
+mod fleet;
 mod lock;
 mod meta;
+mod runtime;
 mod state;
 mod time;
 
+pub use ami::{
+    AmiBake, BakedAmi, INSTALL_SCRIPT_VERSION, ResolvedAmi, SourceAmi, bake, deregister,
+    find_baked, inputs_hash, install_script, resolve_source,
+};
+pub use blocker::Blocker;
 pub use config::{AwsSettings, sdk_config};
 pub use error::{Error, Result};
+pub use fleet::{
+    AwsTarget, Balancer, Fleet, GroupView, InstanceState, InstanceView, MANAGED_BY, PREVIEW_HEADER,
+    ReleaseResources, ReleaseSpec, RouteSpec, TAG_BALANCER, TAG_COMMIT, TAG_DEPLOYMENT,
+    TAG_INSTANCE, TAG_MANAGED_BY, TAG_PROJECT, TAG_RELEASE, TAG_SERVICE, TargetHealth,
+};
 pub use lock::{DynamoLock, Lease, LockInfo, LockRequest};
+pub use runtime::{AlbTraffic, AwsDriver, AwsRuntime, user_data};
 pub use state::{Current, S3State, VersionInfo, WriteMeta};

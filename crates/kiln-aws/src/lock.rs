@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 
@@ -341,12 +340,7 @@ impl DynamoLock {
     }
 
     fn aws<E: std::error::Error + 'static>(&self, operation: &'static str, err: &E) -> Error {
-        Error::Aws {
-            service: "DynamoDB",
-            operation,
-            target: self.target(),
-            detail: DisplayErrorContext(err).to_string(),
-        }
+        crate::error::aws("DynamoDB", operation, self.target(), err)
     }
 
     fn target(&self) -> String {

@@ -10,7 +10,6 @@ use std::time::SystemTime;
 
 use aws_config::SdkConfig;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::BucketVersioningStatus;
@@ -454,12 +453,7 @@ impl S3State {
     }
 
     fn aws<E: std::error::Error + 'static>(&self, operation: &'static str, err: &E) -> Error {
-        Error::Aws {
-            service: "S3",
-            operation,
-            target: self.target(),
-            detail: DisplayErrorContext(err).to_string(),
-        }
+        crate::error::aws("S3", operation, self.target(), err)
     }
 
     fn target(&self) -> String {

@@ -534,6 +534,7 @@ fn observe_once(record: &Record) -> Result<Option<Observed>, DriverError> {
         rootfs: Some(record.rootfs.clone()),
         root_is_rootfs,
         pid: Some(app.pid),
+        mismatches: Vec::new(),
     }))
 }
 

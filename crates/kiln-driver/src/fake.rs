@@ -397,6 +397,7 @@ fn launch(
                 rootfs: Some(spec.rootfs.clone()),
                 root_is_rootfs: Some(true),
                 pid: None,
+                mismatches: Vec::new(),
             },
             exited: exit_code.map(Some),
             server,

@@ -82,6 +82,26 @@ pub struct InstanceSpec {
     /// The image's user, numeric (the engine resolves names against the image's
     /// `/etc/passwd`); `None` runs the app as root inside, without capabilities.
     pub user: Option<User>,
+    /// The release the instance belongs to, for runtimes that group instances by release
+    /// (an Auto Scaling group and a target group per release on AWS). The local runtime
+    /// does not need it.
+    pub release_info: ReleaseInfo,
+}
+
+/// What a runtime that groups instances by release needs to know of the release.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseInfo {
+    /// The image's digest (`sha256:…`), which names its machine image on a cloud.
+    pub image_digest: String,
+    /// The HTTP health check path, if the service has a health check.
+    pub health_path: Option<String>,
+    /// The most instances of the release that may run at once (the service's instances and
+    /// the rollout's surge).
+    pub max_instances: u32,
+    /// The deployment (apply) that made the release.
+    pub deployment_id: String,
+    /// The git commit the release was made from, if known.
+    pub commit: Option<String>,
 }
 
 /// A numeric user and group.
@@ -112,6 +132,7 @@ impl InstanceSpec {
             port,
             log_path: PathBuf::new(),
             user: None,
+            release_info: ReleaseInfo::default(),
         }
     }
 
@@ -254,6 +275,61 @@ pub struct Observed {
     pub root_is_rootfs: Option<bool>,
     /// The app's pid on the host, for messages.
     pub pid: Option<i32>,
+    /// Differences the runtime itself sees between the instance and what it was started as
+    /// (on AWS: the AMI it booted, its launch template version, kiln's tags on it). Empty
+    /// when the runtime has nothing of the kind to compare.
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// One difference between an instance and what it was started as, seen by its runtime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Whether the instance runs another image, or is configured otherwise.
+    pub kind: MismatchKind,
+    /// What differs, e.g. `ami` or `tag kiln:release`.
+    pub subject: String,
+    /// What it was started as.
+    pub expected: String,
+    /// What it is now.
+    pub found: String,
+}
+
+/// What a [`Mismatch`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MismatchKind {
+    /// The instance runs another image (machine image, launch template version).
+    Image,
+    /// Its configuration differs (tags, settings).
+    Config,
+}
+
+/// What the engine expects of one release's group of instances, for runtimes that keep
+/// groups (an Auto Scaling group per release on AWS).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupExpectation {
+    /// The service.
+    pub service: String,
+    /// The release.
+    pub release: u32,
+    /// Its instances, as the engine's state has them.
+    pub instances: Vec<Handle>,
+    /// The most instances the group may hold.
+    pub max_instances: u32,
+}
+
+/// A group that differs from what the engine expects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupFinding {
+    /// The service.
+    pub service: String,
+    /// The release, when the group has one.
+    pub release: Option<u32>,
+    /// What differs, e.g. `group kiln-shop-web-v2 desired capacity`.
+    pub subject: String,
+    /// What the engine expects.
+    pub expected: String,
+    /// What the runtime has.
+    pub found: String,
 }
 
 impl fmt::Debug for Observed {
@@ -298,6 +374,33 @@ pub trait Driver: Send + Sync {
     /// Every instance this driver's runtime knows that still runs (after a crash: to re-adopt
     /// them or to find orphans).
     fn running(&self) -> Result<Vec<Handle>, DriverError>;
+
+    /// Whether instances share this host's network, so that each needs a free host port
+    /// (the local runtime). A runtime whose instances have addresses of their own (virtual
+    /// machines) returns `false`: the engine then gives every instance the service's port.
+    fn host_ports(&self) -> bool {
+        true
+    }
+
+    /// Compares the runtime's groups of instances with `expected` (one per release that
+    /// has instances): sizes, limits and settings changed outside kiln, groups of releases
+    /// kiln no longer runs. Instances in those groups that kiln did not start are not
+    /// reported here: [`running`](Self::running) lists them. A runtime without groups has
+    /// nothing to report.
+    fn check_groups(
+        &self,
+        expected: &[GroupExpectation],
+    ) -> Result<Vec<GroupFinding>, DriverError> {
+        let _ = expected;
+        Ok(Vec::new())
+    }
+
+    /// Makes a release's group match `expected` again (its size and settings), without
+    /// touching the instances it expects. A runtime without groups has nothing to do.
+    fn repair_group(&self, expected: &GroupExpectation) -> Result<(), DriverError> {
+        let _ = expected;
+        Ok(())
+    }
 }
 
 /// A port that was free a moment ago: binds 127.0.0.1:0, reads the port, closes.
@@ -330,6 +433,7 @@ mod tests {
             rootfs: Some("/images/web".into()),
             root_is_rootfs: Some(true),
             pid: Some(42),
+            mismatches: Vec::new(),
         };
         let text = format!("{seen:?}");
         assert!(text.contains("DB_PASSWORD"), "{text}");

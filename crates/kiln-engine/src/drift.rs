@@ -17,7 +17,7 @@ use kiln_bake::verify_tree::{Change, StatCache};
 use kiln_core::Digest;
 use kiln_core::drift::{Category, Finding, Report, masked};
 use kiln_core::plan::Plan;
-use kiln_driver::{Handle, Status};
+use kiln_driver::{GroupExpectation, Handle, Status};
 use kiln_proxy::{ServiceSnapshot, ServiceTable};
 
 use crate::engine::{Engine, World, rfc3339};
@@ -46,7 +46,7 @@ impl Engine {
             checked_at: rfc3339(now),
             ..Report::default()
         };
-        let (subjects, known, serial, lineage, expected_tables) = {
+        let (subjects, known, serial, lineage, expected_tables, groups) = {
             let world = self.shared.world.lock().await;
             if let Some(name) = service
                 && !world.state.services.contains_key(name)
@@ -68,6 +68,7 @@ impl Engine {
                 world.serial,
                 world.lineage.clone(),
                 world.tables.clone(),
+                group_expectations(&world.state),
             )
         };
 
@@ -86,6 +87,7 @@ impl Engine {
         report.files_hashed = hashed;
 
         report.findings.extend(self.unmanaged_processes(&known));
+        report.findings.extend(self.group_findings(&groups));
         report.findings.extend(routing_findings(
             &expected_tables,
             &self.shared.traffic.snapshot().services,
@@ -310,6 +312,15 @@ impl Engine {
                     "another directory mounted as its root (the image directory was replaced after it started)",
                 )));
             }
+            for m in &observed.mismatches {
+                let category = match m.kind {
+                    kiln_driver::MismatchKind::Image => Category::ImageMismatch,
+                    kiln_driver::MismatchKind::Config => Category::Config,
+                };
+                findings.push(at(
+                    Finding::new(category, &m.expected, &m.found).subject(m.subject.clone())
+                ));
+            }
             for (key, want) in &s.env {
                 let got = observed.env.get(key);
                 if got != Some(want) {
@@ -421,6 +432,29 @@ impl Engine {
         }
     }
 
+    /// Groups of instances in the runtime (Auto Scaling groups) that differ from the state.
+    fn group_findings(&self, groups: &[GroupExpectation]) -> Vec<Finding> {
+        match self.shared.driver.check_groups(groups) {
+            Ok(found) => found
+                .into_iter()
+                .map(|g| {
+                    let f = Finding::new(Category::Config, g.expected, g.found)
+                        .service(&g.service)
+                        .subject(g.subject);
+                    match g.release {
+                        Some(r) => f.release(r),
+                        None => f,
+                    }
+                })
+                .collect(),
+            Err(e) => vec![Finding::new(
+                Category::Unknown,
+                "the runtime's groups of instances",
+                e.to_string(),
+            )],
+        }
+    }
+
     /// The plan answering the last check's findings, made against the current state.
     pub async fn drift_plan(&self, report: &Report) -> Plan {
         let world = self.shared.world.lock().await;
@@ -470,20 +504,49 @@ impl Engine {
         for (id, why) in &remedy.remove {
             world.event(None, "drift", format!("stopping {id}: {why}"));
         }
-        if !remedy.remove.is_empty() {
-            let handles: Vec<Handle> = self
-                .shared
-                .driver
-                .running()?
-                .into_iter()
-                .filter(|h| remedy.remove.contains_key(&h.id))
-                .collect();
+        let regroup: Vec<GroupExpectation> = group_expectations(&world.state)
+            .into_iter()
+            .filter(|g| {
+                remedy
+                    .regroup
+                    .get(&g.service)
+                    .is_some_and(|r| r.contains_key(&g.release))
+            })
+            .collect();
+        for g in &regroup {
+            world.event(
+                Some(&g.service),
+                "drift",
+                format!(
+                    "setting the group of v{} back: {}",
+                    g.release, remedy.regroup[&g.service][&g.release]
+                ),
+            );
+        }
+        if !remedy.remove.is_empty() || !regroup.is_empty() {
+            let handles: Vec<Handle> = if remedy.remove.is_empty() {
+                Vec::new()
+            } else {
+                self.shared
+                    .driver
+                    .running()?
+                    .into_iter()
+                    .filter(|h| remedy.remove.contains_key(&h.id))
+                    .collect()
+            };
             let driver = self.shared.driver.clone();
             let grace = self.shared.cfg.stop_grace;
+            // Strays first: a group set back to its size while strays are in it would let
+            // the runtime choose which instances to stop.
             tokio::task::spawn_blocking(move || {
                 for h in handles {
                     if let Err(e) = driver.stop(&h, grace) {
                         tracing::warn!(instance = %h.id, "stopping an unmanaged instance: {e}");
+                    }
+                }
+                for g in regroup {
+                    if let Err(e) = driver.repair_group(&g) {
+                        tracing::warn!(service = %g.service, release = g.release, "setting a group back: {e}");
                     }
                 }
             });
@@ -525,6 +588,28 @@ impl Engine {
         );
         Ok(())
     }
+}
+
+/// What the state expects of each release's group of instances in the runtime.
+fn group_expectations(state: &kiln_core::state::State) -> Vec<GroupExpectation> {
+    let mut groups = Vec::new();
+    for (name, s) in &state.services {
+        let mut by_release: BTreeMap<u32, Vec<Handle>> = BTreeMap::new();
+        for inst in &s.instances {
+            if let Ok(h) = serde_json::from_value::<Handle>(inst.handle.clone()) {
+                by_release.entry(inst.release).or_default().push(h);
+            }
+        }
+        for (release, instances) in by_release {
+            groups.push(GroupExpectation {
+                service: name.clone(),
+                release,
+                instances,
+                max_instances: s.spec.instances + s.spec.rollout.max_parallel.max(1),
+            });
+        }
+    }
+    groups
 }
 
 fn describe(status: Status) -> String {

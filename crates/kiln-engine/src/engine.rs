@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use crate::api::{self, ApplyRequest, ApplyResponse};
 use crate::error::{Error, Result};
 use crate::paths::Paths;
+use crate::remote::RemoteState;
 
 /// How the engine behaves.
 #[derive(Debug, Clone)]
@@ -39,6 +40,15 @@ pub struct EngineConfig {
     pub tick: Duration,
     /// The lease of the state lock; renewed every tick while a rollout runs.
     pub lock_lease: Duration,
+    /// A team state backend every state version is also written to; `None` keeps the state
+    /// on this machine only.
+    pub remote: Option<Arc<dyn RemoteState>>,
+    /// How long to wait for another server to let the team backend's lease go.
+    pub remote_wait: Duration,
+    /// Stop once nothing has happened for this long: no rollout (a warm release included),
+    /// no request. For servers a command started on a team backend, so that the next
+    /// machine's server can take the lease.
+    pub idle_exit: Option<Duration>,
 }
 
 impl EngineConfig {
@@ -51,6 +61,9 @@ impl EngineConfig {
             stop_grace: Duration::from_secs(10),
             tick: Duration::from_millis(200),
             lock_lease: Duration::from_secs(60),
+            remote: None,
+            remote_wait: Duration::ZERO,
+            idle_exit: None,
         }
     }
 }
@@ -77,6 +90,14 @@ pub(crate) struct Shared {
     pub(crate) world: tokio::sync::Mutex<World>,
     pub(crate) wake: Notify,
     pub(crate) started_at: SystemTime,
+    /// Why the engine stopped by itself (idle, or the team backend refused a write); the
+    /// reconcile loop ends once it is set.
+    pub(crate) halted: Mutex<Option<Halt>>,
+    pub(crate) halt: Notify,
+    /// When the last request came (for `idle_exit`).
+    pub(crate) last_request: Mutex<SystemTime>,
+    /// When the team backend's lease was last renewed.
+    pub(crate) renewed: Mutex<SystemTime>,
     /// Posts the events of services with webhooks, in the background.
     pub(crate) notifier: crate::notify::Notifier,
     /// Wakes the continuous drift loop when its settings change.
@@ -197,7 +218,10 @@ impl Engine {
             .map_err(Error::io("create", &cfg.paths.root))?;
         let now = clock.now();
         let db = StateStore::open(&cfg.paths.state_db(), now)?;
-        let current = db.read::<State>()?;
+        let mut current = db.read::<State>()?;
+        if let Some(remote) = &cfg.remote {
+            current = take_remote(remote.as_ref(), &db, current, cfg.remote_wait, now)?;
+        }
         let images = Store::open(&cfg.store)?;
         let world = World {
             state: current.doc,
@@ -227,6 +251,10 @@ impl Engine {
                 world: tokio::sync::Mutex::new(world),
                 wake: Notify::new(),
                 started_at: now,
+                halted: Mutex::new(None),
+                halt: Notify::new(),
+                last_request: Mutex::new(now),
+                renewed: Mutex::new(now),
                 notifier: crate::notify::Notifier::new(),
                 verify_caches: Mutex::new(BTreeMap::new()),
                 drift_wake: Notify::new(),
@@ -238,6 +266,68 @@ impl Engine {
     /// server.
     pub fn traffic(&self) -> &dyn Traffic {
         self.shared.traffic.as_ref()
+    }
+
+    /// Stops the reconcile loop (and with it the server) for `why`.
+    pub(crate) fn halt_with(&self, why: Halt) {
+        let mut halted = self.shared.halted.lock().unwrap_or_else(|e| e.into_inner());
+        if halted.is_none() {
+            tracing::warn!("stopping: {why}");
+            *halted = Some(why);
+        }
+        drop(halted);
+        self.shared.halt.notify_one();
+    }
+
+    /// Why the engine stopped by itself, if it did.
+    pub fn halted(&self) -> Option<Halt> {
+        self.shared
+            .halted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Notes a request (it keeps an `idle_exit` server running).
+    pub fn touch(&self) {
+        *self
+            .shared
+            .last_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.shared.clock.now();
+    }
+
+    /// Lets the team backend's lease go (when the server stops).
+    pub fn release_remote(&self) -> Result<()> {
+        match &self.shared.cfg.remote {
+            Some(remote) => remote.release().map_err(Error::Remote),
+            None => Ok(()),
+        }
+    }
+
+    /// Renews the team backend's lease when it is due; stops the engine when it is lost.
+    pub(crate) fn renew_remote(&self, now: SystemTime) {
+        let Some(remote) = &self.shared.cfg.remote else {
+            return;
+        };
+        let mut renewed = self
+            .shared
+            .renewed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if now.duration_since(*renewed).unwrap_or_default() < crate::remote::RENEW_EVERY {
+            return;
+        }
+        match remote.renew(now) {
+            Ok(()) => *renewed = now,
+            Err(e) => {
+                drop(renewed);
+                self.halt_with(Halt::Failed(format!(
+                    "lost the lease of the team state backend {}: {e}",
+                    remote.describe()
+                )));
+            }
+        }
     }
 
     /// Wakes the reconcile loop now.
@@ -268,6 +358,17 @@ impl Engine {
                 now,
             )?;
             world.serial = serial;
+            if let Some(remote) = &self.shared.cfg.remote {
+                let doc = serde_json::to_value(&world.state)?;
+                if let Err(e) = remote.write(&doc, &meta.actor, operation, now) {
+                    let why = format!(
+                        "the team state backend {} refused state version {serial}: {e}",
+                        remote.describe()
+                    );
+                    self.halt_with(Halt::Failed(why.clone()));
+                    return Err(Error::Remote(why));
+                }
+            }
         } else {
             db.append_events(&world.events, now)?;
             db.append_audit(&audit, now)?;
@@ -762,4 +863,66 @@ fn user_of_this_process() -> Option<String> {
         let name = fields.next()?;
         (fields.nth(1)? == uid).then(|| name.to_owned())
     })
+}
+
+/// Why an engine stopped by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    /// Nothing happened for `idle_exit`.
+    Idle,
+    /// It cannot go on: the team backend refused a write or the lease was lost.
+    Failed(String),
+}
+
+impl std::fmt::Display for Halt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Idle => f.write_str("idle"),
+            Self::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Takes the team backend's lease and starts from its document: adopted (written here as a
+/// new local version) when it differs from the local one, created from the local one when
+/// the backend has none yet.
+fn take_remote(
+    remote: &dyn RemoteState,
+    db: &StateStore,
+    local: kiln_state::Versioned<State>,
+    wait: Duration,
+    now: SystemTime,
+) -> Result<kiln_state::Versioned<State>> {
+    let who = format!("kiln server {} ({})", std::process::id(), actor());
+    let found = remote.acquire(&who, wait, now).map_err(Error::Remote)?;
+    let local_doc = serde_json::to_value(&local.doc)?;
+    match found {
+        None => {
+            remote
+                .write(&local_doc, &actor(), "create", now)
+                .map_err(Error::Remote)?;
+            tracing::info!(backend = %remote.describe(), "created the team state from this machine's");
+            Ok(local)
+        }
+        Some(r) if r.doc == local_doc => Ok(local),
+        Some(r) => {
+            let doc: State = serde_json::from_value(r.doc).map_err(|e| {
+                Error::Remote(format!(
+                    "the state in {} is not a kiln state: {e}",
+                    remote.describe()
+                ))
+            })?;
+            let meta = WriteMeta {
+                actor: actor(),
+                operation: format!("pull {} serial {}", remote.describe(), r.serial),
+            };
+            let serial = db.write(local.serial, &doc, &meta, &[], now)?;
+            tracing::info!(backend = %remote.describe(), serial = r.serial, "started from the team state");
+            Ok(kiln_state::Versioned {
+                serial,
+                doc,
+                ..local
+            })
+        }
+    }
 }

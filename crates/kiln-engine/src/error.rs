@@ -31,6 +31,9 @@ pub enum Error {
     /// The proxy failed.
     #[error(transparent)]
     Proxy(#[from] kiln_proxy::ProxyError),
+    /// The team state backend refused or failed.
+    #[error("{0}")]
+    Remote(String),
     /// A release's image is not in the store.
     #[error("image {0} is not in the image store; bake it again (`kiln bake`)")]
     ImageMissing(Digest),

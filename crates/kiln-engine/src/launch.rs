@@ -37,10 +37,16 @@ impl Engine {
                 Error::NotFound(format!("service `{service}` has no release v{release}"))
             })?
             .clone();
+        let max_instances = s.spec.instances + s.spec.rollout.max_parallel.max(1);
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let id = format!("{service}-v{release}-{}", &suffix[..6]);
-        let port =
-            kiln_driver::free_port().map_err(Error::io("find a free port on", "127.0.0.1"))?;
+        // On one host every instance needs a port of its own; a virtual machine has its own
+        // address and listens on the service's port.
+        let port = if self.shared.driver.host_ports() {
+            kiln_driver::free_port().map_err(Error::io("find a free port on", "127.0.0.1"))?
+        } else {
+            rel.port
+        };
         world
             .state
             .services
@@ -65,7 +71,7 @@ impl Engine {
         );
         self.persist(world, "launch")?;
 
-        let started = self.start_process(service, &rel, &id, port);
+        let started = self.start_process(service, &rel, &id, port, max_instances);
         match started {
             Ok(handle) => {
                 if let Some(inst) = instance_mut(world, service, &id) {
@@ -87,6 +93,7 @@ impl Engine {
         rel: &kiln_core::state::Release,
         id: &str,
         port: u16,
+        max_instances: u32,
     ) -> Result<kiln_driver::Handle> {
         let images = &self.shared.images;
         let config = self.image_config(&rel.image_digest)?;
@@ -124,6 +131,13 @@ impl Engine {
             },
             port,
             log_path,
+            release_info: kiln_driver::ReleaseInfo {
+                image_digest: rel.image_digest.to_string(),
+                health_path: rel.health.as_ref().map(|h| h.path.clone()),
+                max_instances,
+                deployment_id: rel.deployment_id.clone(),
+                commit: rel.git_commit.clone(),
+            },
         };
         Ok(self.shared.driver.start(&spec)?)
     }

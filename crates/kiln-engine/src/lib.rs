@@ -16,10 +16,11 @@ mod notify;
 pub mod paths;
 mod reconcile;
 mod recover;
+pub mod remote;
 mod rollback;
 pub mod rootfs;
 pub mod server;
 
-pub use engine::{Engine, EngineConfig, actor};
+pub use engine::{Engine, EngineConfig, Halt, actor};
 pub use error::{Error, Result};
 pub use paths::Paths;

@@ -32,14 +32,43 @@ impl Engine {
             if let Err(e) = self.tick().await {
                 tracing::error!("reconcile: {e}");
             }
+            let now = self.shared.clock.now();
+            self.renew_remote(now);
+            if self.idle_for_long(now).await {
+                self.halt_with(crate::Halt::Idle);
+            }
+            if self.halted().is_some() {
+                break;
+            }
             tokio::select! {
                 () = &mut shutdown => break,
+                () = self.shared.halt.notified() => break,
                 () = self.shared.wake.notified() => {}
                 () = tokio::time::sleep(self.shared.cfg.tick) => {}
             }
         }
         let _ = stop_drift.send(true);
         let _ = drift.await;
+    }
+
+    /// Whether an `idle_exit` server has had nothing to do for that long: no rollout (a warm
+    /// release included), no lock, no request.
+    async fn idle_for_long(&self, now: SystemTime) -> bool {
+        let Some(idle) = self.shared.cfg.idle_exit else {
+            return false;
+        };
+        let last = *self
+            .shared
+            .last_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if now.duration_since(last).unwrap_or_default() < idle {
+            return false;
+        }
+        let world = self.shared.world.lock().await;
+        world.lock.is_none()
+            && world.retiring.is_empty()
+            && world.state.services.values().all(|s| s.rollout.is_none())
     }
 
     /// One pass of observe → decide → persist → act.

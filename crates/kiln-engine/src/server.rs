@@ -36,12 +36,15 @@ pub async fn serve(engine: Engine) -> Result<()> {
     let reconcile = {
         let engine = engine.clone();
         let mut rx = stop_rx.clone();
+        let stop_tx = stop_tx.clone();
         tokio::spawn(async move {
             engine
                 .run(async move {
                     let _ = rx.wait_for(|stop| *stop).await;
                 })
                 .await;
+            // The loop also ends by itself (idle, or the team backend lost): so does the server.
+            let _ = stop_tx.send(true);
         })
     };
 
@@ -125,6 +128,7 @@ async fn route(
     stop: &watch::Sender<bool>,
     stop_instances: &AtomicBool,
 ) -> Response<Full<Bytes>> {
+    engine.touch();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let result = match (req.method().clone(), path.as_str()) {

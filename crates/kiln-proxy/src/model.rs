@@ -125,7 +125,7 @@ pub enum DrainOutcome {
 }
 
 /// What the proxy serves, for `kiln status` and drift checks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProxySnapshot {
     /// Balancers by name.
     pub balancers: Vec<BalancerSnapshot>,

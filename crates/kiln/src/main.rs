@@ -1,5 +1,7 @@
 //! The `kiln` command line: the only crate that knows about flags, terminals and exit codes.
 
+#[cfg(feature = "aws")]
+mod aws;
 mod cmd;
 mod policy;
 mod project;
@@ -37,7 +39,7 @@ enum Command {
     /// Stop every instance and the server, keeping the state.
     Down(cmd::deploy::DownArgs),
     /// Run the control plane in the foreground.
-    Server,
+    Server(cmd::server::Args),
     /// Show services, releases, instances, health and traffic.
     Status(cmd::inspect::StatusArgs),
     /// Watch and steer the rollout in progress: status, promote, abort, pause, resume.
@@ -79,7 +81,7 @@ fn main() -> ExitCode {
         Command::Apply(args) => cmd::deploy::apply(&cli.global, &args),
         Command::Up => cmd::deploy::up(&cli.global),
         Command::Down(args) => cmd::deploy::down(&cli.global, &args),
-        Command::Server => cmd::server::run(&cli.global),
+        Command::Server(args) => cmd::server::run(&cli.global, &args),
         Command::Status(args) => cmd::inspect::status(&cli.global, &args),
         Command::Rollout(command) => cmd::rollout::run(&cli.global, command),
         Command::Rollback(args) => cmd::rollout::rollback(&cli.global, &args),

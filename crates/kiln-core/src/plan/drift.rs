@@ -18,6 +18,10 @@ use crate::state::State;
 /// The subject of a finding about a backend in the proxy's tables.
 pub const PROXY_BACKEND: &str = "proxy backend";
 
+/// How the subject of a finding about a runtime's group of instances starts
+/// (`group kiln-shop-web-v2 desired capacity`).
+pub const GROUP_SUBJECT: &str = "group ";
+
 /// What a drift remediation changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriftRemediation {
@@ -28,6 +32,11 @@ pub struct DriftRemediation {
     /// Services whose proxy table drifted, with why: kiln's table is handed over again.
     #[serde(default)]
     pub reroute: BTreeMap<String, String>,
+    /// Releases whose group of instances in the runtime (an Auto Scaling group) was
+    /// resized or changed outside kiln, by service then release, with why: the group is
+    /// set back to what kiln expects.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regroup: BTreeMap<String, BTreeMap<u32, String>>,
     /// The findings the plan answers, and those it cannot (shown, not acted on).
     pub findings: Vec<Finding>,
 }
@@ -35,7 +44,10 @@ pub struct DriftRemediation {
 impl DriftRemediation {
     /// Whether it changes anything.
     pub fn is_empty(&self) -> bool {
-        self.replace.is_empty() && self.remove.is_empty() && self.reroute.is_empty()
+        self.replace.is_empty()
+            && self.remove.is_empty()
+            && self.reroute.is_empty()
+            && self.regroup.is_empty()
     }
 }
 
@@ -91,10 +103,45 @@ pub fn drift_plan(lineage: &str, serial: u64, state: &State, report: &Report) ->
         }
     }
 
+    // A group resized behind kiln's back is set back: an update of the service as well.
+    for f in &report.findings {
+        let group = f.category == Category::Config
+            && f.instance.is_none()
+            && f.subject
+                .as_deref()
+                .is_some_and(|s| s.starts_with(GROUP_SUBJECT));
+        if let (true, Some(service), Some(release)) = (group, &f.service, f.release)
+            && state.services.contains_key(service)
+        {
+            let why = remedy
+                .regroup
+                .entry(service.clone())
+                .or_default()
+                .entry(release)
+                .or_default();
+            if !why.is_empty() {
+                why.push_str("; ");
+            }
+            why.push_str(&reason(f));
+        }
+    }
+
     let mut changes = Vec::new();
     for (name, s) in &state.services {
         let json = super::service_json(&s.spec);
-        let (kind, why) = match remedy.reroute.get(name) {
+        let regroup = remedy.regroup.get(name).map(|releases| {
+            releases
+                .iter()
+                .map(|(r, why)| format!("v{r}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        let why = match (remedy.reroute.get(name), regroup) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (Some(a), None) => Some(a.clone()),
+            (None, b) => b,
+        };
+        let (kind, why) = match why {
             Some(why) => (
                 ChangeKind::Update,
                 Some(format!("update_because_drift: {why}")),

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-pub use drift::{DriftRemediation, PROXY_BACKEND, drift_plan};
+pub use drift::{DriftRemediation, GROUP_SUBJECT, PROXY_BACKEND, drift_plan};
 pub use schedule::{Schedule, schedule};
 
 use crate::Digest;

@@ -1363,3 +1363,43 @@ fn a_changed_drift_block_is_an_update_that_touches_no_instance() {
     "#]]
     .assert_eq(&plan.render());
 }
+
+#[test]
+fn a_resized_group_is_set_back_by_a_service_update() {
+    use crate::drift::{Category, Finding, Report};
+    let state = state_with(&[(web(), 2)], &[public()]);
+    let report = Report {
+        findings: vec![
+            Finding::new(Category::Config, "2", "5")
+                .service("web")
+                .release(2)
+                .subject("group kiln-shop-web-v2 desired capacity"),
+        ],
+        ..Report::default()
+    };
+    let plan = drift_plan("lin", 7, &state, &report);
+    let remedy = plan.drift.as_ref().unwrap();
+    assert_eq!(
+        remedy.regroup["web"][&2],
+        "config group kiln-shop-web-v2 desired capacity"
+    );
+    assert!(remedy.replace.is_empty() && remedy.remove.is_empty());
+    assert_eq!(
+        plan.summary(),
+        Summary {
+            update: 1,
+            ..Summary::default()
+        }
+    );
+    let web = plan
+        .resource_changes
+        .iter()
+        .find(|c| c.address == "service.web")
+        .unwrap();
+    assert_eq!(
+        web.action_reason.as_deref(),
+        Some("update_because_drift: v2: config group kiln-shop-web-v2 desired capacity")
+    );
+    // The services themselves do not change.
+    assert_eq!(plan.services["web"], state.services["web"].spec);
+}

@@ -42,7 +42,44 @@ pub fn run(global: &GlobalArgs, args: &Args) -> Result<ExitCode> {
             ui::out(format!("{} {}", r.name, r.digest));
         }
     }
+    let on_aws = records.iter().filter(|r| {
+        (args.images.is_empty() || args.images.contains(&r.name))
+            && project
+                .config
+                .images
+                .get(&r.name)
+                .is_some_and(|i| i.target == kiln_core::model::TargetKind::Aws)
+    });
+    for record in on_aws {
+        bake_ami(&project, &store, record)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The AMI of an image baked for `target.aws`.
+#[cfg(feature = "aws")]
+fn bake_ami(project: &crate::project::Project, store: &Store, record: &ImageRecord) -> Result<()> {
+    eprintln!("making the AMI of {} ({})", record.name, record.digest);
+    let ami = crate::aws::bake_ami(project, store, record)?;
+    let how = if ami.reused {
+        "reused: same inputs"
+    } else {
+        "new"
+    };
+    eprintln!("{} {} ({how})", record.name, ami.id);
+    Ok(())
+}
+
+#[cfg(not(feature = "aws"))]
+fn bake_ami(
+    _project: &crate::project::Project,
+    _store: &Store,
+    record: &ImageRecord,
+) -> Result<()> {
+    anyhow::bail!(
+        "image `{}` is baked on target.aws, but this kiln was built without AWS support; build it with `cargo build --release --features aws`",
+        record.name
+    )
 }
 
 /// The settings a bake takes from the environment: `SOURCE_DATE_EPOCH`, git, host, bubblewrap.

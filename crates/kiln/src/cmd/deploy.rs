@@ -109,6 +109,11 @@ pub fn make_plan(global: &GlobalArgs) -> Result<Plan> {
     let digests = image_digests(global, &project)?;
     let (services, balancers, _) = desired(&project.config, &digests);
     let paths = paths(global);
+    if project.config.backend.is_some() {
+        // The team's state is the backend's: this project's server takes its lock and
+        // brings it here before anything is planned against it.
+        runtime()?.block_on(ensure_server(global, &paths))?;
+    }
     let db = open_state(&paths)?;
     let current = db.read::<State>()?;
     Ok(kiln_core::plan::plan(
@@ -553,17 +558,40 @@ pub async fn ensure_server(global: &GlobalArgs, paths: &Paths) -> Result<Client>
     let exe = std::env::current_exe().context("cannot find the kiln executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--config").arg(&global.config);
+    // The server reads the config for its target: with the same variables.
+    for var in &global.vars {
+        cmd.arg("--var").arg(var);
+    }
     if let Some(store) = &global.store {
         cmd.arg("--store").arg(store);
     }
-    cmd.arg("server")
-        .stdin(std::process::Stdio::null())
+    cmd.arg("server");
+    // On a team backend the server holds the state's lease: one started for a command
+    // stops once idle, so that the next machine's server can take the lease.
+    let team = global
+        .load()
+        .ok()
+        .is_some_and(|p| p.config.backend.is_some());
+    if team {
+        let idle = std::env::var("KILN_IDLE_EXIT").unwrap_or_else(|_| "60s".to_owned());
+        cmd.arg("--idle-exit").arg(idle);
+    }
+    cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
     // Its own process group: a Ctrl-C in this terminal must not reach the server.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("cannot start kiln server")?;
-    for _ in 0..200 {
+    // A server on a team backend may first wait for another's lease (up to its
+    // --lock-timeout, 5 minutes).
+    let polls = if team { 6200 } else { 200 };
+    for poll in 0..polls {
+        if poll == 200 {
+            eprintln!(
+                "kiln server is waiting for the team state lock; see {}",
+                paths.server_log().display()
+            );
+        }
         if client.is_running().await {
             eprintln!(
                 "started kiln server (pid {}, log {})",
@@ -581,7 +609,8 @@ pub async fn ensure_server(global: &GlobalArgs, paths: &Paths) -> Result<Client>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!(
-        "kiln server did not start listening within 10 s; see {}",
+        "kiln server did not start listening within {} s; see {}",
+        polls / 20,
         paths.server_log().display()
     )
 }

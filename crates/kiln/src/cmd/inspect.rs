@@ -77,6 +77,19 @@ pub enum StateCommand {
         /// The lock's id, from `kiln state lock-info`.
         id: String,
     },
+    /// Copy the state between this machine (SQLite under .kiln/) and the config's
+    /// `backend "s3"`, under the backend's lock. Stop the server first.
+    Migrate {
+        /// Where to: `s3` (the config's backend block) or `local`.
+        #[arg(long, value_parser = ["s3", "local"])]
+        to: String,
+        /// Replace a state the destination already holds.
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for the backend's lock.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+        lock_timeout: Duration,
+    },
 }
 
 fn open_state(global: &GlobalArgs) -> Result<StateStore> {
@@ -307,6 +320,19 @@ pub fn logs(global: &GlobalArgs, args: &LogsArgs) -> Result<ExitCode> {
 
 /// `kiln state …`.
 pub fn state(global: &GlobalArgs, command: StateCommand) -> Result<ExitCode> {
+    if let StateCommand::Migrate {
+        to,
+        force,
+        lock_timeout,
+    } = &command
+    {
+        return migrate(global, to, *force, *lock_timeout);
+    }
+    if let StateCommand::ForceUnlock { id } = &command
+        && let Some(backend) = global.load().ok().and_then(|p| p.config.backend)
+    {
+        return force_unlock_backend(&backend, id);
+    }
     let db = open_state(global)?;
     match command {
         StateCommand::Show { serial } => {
@@ -347,6 +373,7 @@ pub fn state(global: &GlobalArgs, command: StateCommand) -> Result<ExitCode> {
             None if json => ui::out("null"),
             None => ui::out("The state is not locked."),
         },
+        StateCommand::Migrate { .. } => unreachable!("handled above"),
         StateCommand::ForceUnlock { id } => {
             let info = db.force_unlock(&id)?;
             crate::cmd::audit::record(
@@ -362,4 +389,123 @@ pub fn state(global: &GlobalArgs, command: StateCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln state migrate --to s3|local`.
+fn migrate(global: &GlobalArgs, to: &str, force: bool, lock_timeout: Duration) -> Result<ExitCode> {
+    let paths = paths(global);
+    if std::os::unix::net::UnixStream::connect(paths.socket()).is_ok() {
+        bail!(
+            "a kiln server is running for this project; stop it first (`kiln down`, or Ctrl-C on `kiln server`): it writes the state"
+        );
+    }
+    let project = global.load()?;
+    let Some(backend) = project.config.backend.as_ref() else {
+        bail!(
+            "the config has no `backend \"s3\"` block: add one (bucket, key, region, dynamodb_table) to say where the state goes"
+        );
+    };
+    migrate_with(global, backend, to, force, lock_timeout)
+}
+
+#[cfg(feature = "aws")]
+fn migrate_with(
+    global: &GlobalArgs,
+    backend: &kiln_core::model::Backend,
+    to: &str,
+    force: bool,
+    lock_timeout: Duration,
+) -> Result<ExitCode> {
+    use kiln_engine::remote::RemoteState;
+    let kiln_core::model::Backend::S3(s3) = backend;
+    let remote = crate::aws::S3Remote::new(s3)?;
+    let now = || kiln_core::clock::Clock::now(&kiln_core::clock::SystemClock);
+    let who = format!("kiln state migrate ({})", kiln_engine::actor());
+    let found = remote
+        .acquire(&who, lock_timeout, now())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", remote.describe()))?;
+    let result = (|| -> Result<String> {
+        let paths = paths(global);
+        paths.create()?;
+        let db = StateStore::open(&paths.state_db(), now())
+            .with_context(|| format!("cannot open {}", paths.state_db().display()))?;
+        let local = db.read::<serde_json::Value>()?;
+        if to == "s3" {
+            if let Some(r) = &found
+                && r.doc != local.doc
+                && !force
+            {
+                bail!(
+                    "{} already holds a different state (serial {}); `kiln state migrate --to local` takes it here, --force replaces it",
+                    remote.describe(),
+                    r.serial
+                );
+            }
+            let written = remote
+                .write(&local.doc, &kiln_engine::actor(), "migrate", now())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(format!(
+                "Copied state serial {} of {} to {} (its serial {}).",
+                local.serial,
+                paths.state_db().display(),
+                remote.describe(),
+                written.serial
+            ))
+        } else {
+            let Some(r) = found.clone() else {
+                bail!("{} holds no state yet; nothing to copy", remote.describe());
+            };
+            if r.doc == local.doc {
+                return Ok("The local state already equals the backend's.".to_owned());
+            }
+            let meta = kiln_state::WriteMeta {
+                actor: kiln_engine::actor(),
+                operation: format!("migrate from {}", remote.describe()),
+            };
+            let serial = db.write(local.serial, &r.doc, &meta, &[], now())?;
+            Ok(format!(
+                "Copied serial {} of {} here as serial {serial}; remove the backend block to keep the state on this machine only.",
+                r.serial,
+                remote.describe()
+            ))
+        }
+    })();
+    let released = remote.release();
+    let message = result?;
+    released.map_err(|e| anyhow::anyhow!("releasing the lock of {}: {e}", remote.describe()))?;
+    ui::out(message);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "aws"))]
+fn migrate_with(
+    _global: &GlobalArgs,
+    _backend: &kiln_core::model::Backend,
+    _to: &str,
+    _force: bool,
+    _lock_timeout: Duration,
+) -> Result<ExitCode> {
+    bail!(
+        "backend \"s3\" needs a kiln built with AWS support: `cargo build --release --features aws`"
+    )
+}
+
+/// `kiln state force-unlock ID` on a team backend: removes the backend's lock.
+#[cfg(feature = "aws")]
+fn force_unlock_backend(backend: &kiln_core::model::Backend, id: &str) -> Result<ExitCode> {
+    let kiln_core::model::Backend::S3(s3) = backend;
+    let remote = crate::aws::S3Remote::new(s3)?;
+    let info = remote.force_unlock(id)?;
+    ui::out(format!(
+        "Removed the lock {} held by {} ({}).",
+        info.id, info.operation, info.who
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "aws"))]
+fn force_unlock_backend(_backend: &kiln_core::model::Backend, _id: &str) -> Result<ExitCode> {
+    bail!(
+        "backend \"s3\" needs a kiln built with AWS support: `cargo build --release --features aws`"
+    )
 }
