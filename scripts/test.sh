@@ -49,8 +49,11 @@ export CARGO_TERM_COLOR=never
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
+# Both builds of the CLI: the default one, and the one with AWS support (the SDK).
 cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets --features kiln/aws -- -D warnings
 echo "== cargo test"
 # The example's tour (crates/kiln/tests/example.rs) drives the kiln-load binary.
 cargo build --locked -p kiln-load
-cargo test --locked --workspace
+# With AWS support: the AWS end-to-end tests (crates/kiln/tests/aws.rs) run against moto.
+cargo test --locked --workspace --features kiln/aws

@@ -51,6 +51,9 @@ mod lock;
 mod meta;
 mod runtime;
 mod state;
+/// Helpers for tests against an AWS emulator such as moto: the SDK configured for it, and the
+/// VPC, subnets, security group, buckets and lock tables the tests need.
+pub mod testing;
 mod time;
 
 pub use ami::{
@@ -62,8 +65,9 @@ pub use config::{AwsSettings, sdk_config};
 pub use error::{Error, Result};
 pub use fleet::{
     AwsTarget, Balancer, Fleet, GroupView, InstanceState, InstanceView, MANAGED_BY, PREVIEW_HEADER,
-    ReleaseResources, ReleaseSpec, RouteSpec, TAG_BALANCER, TAG_COMMIT, TAG_DEPLOYMENT,
-    TAG_INSTANCE, TAG_MANAGED_BY, TAG_PROJECT, TAG_RELEASE, TAG_SERVICE, TargetHealth,
+    ReleaseResources, ReleaseSpec, RouteSpec, SUSPENDED_PROCESSES, TAG_BALANCER, TAG_COMMIT,
+    TAG_DEPLOYMENT, TAG_INSTANCE, TAG_MANAGED_BY, TAG_PROJECT, TAG_RELEASE, TAG_SERVICE,
+    TargetHealth,
 };
 pub use lock::{DynamoLock, Lease, LockInfo, LockRequest};
 pub use runtime::{AlbTraffic, AwsDriver, AwsRuntime, user_data};

@@ -23,56 +23,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_config::SdkConfig;
-use aws_config::retry::RetryConfig;
 use aws_sdk_ec2::types::{Filter, Image, InstanceStateName, Tag};
-use aws_sdk_s3::config::{Credentials, SharedCredentialsProvider};
+use aws_sdk_s3::error::SdkError;
+use aws_sdk_s3::operation::head_object::{HeadObjectError, HeadObjectOutput};
+use kiln_aws::testing::{self, Network};
 use kiln_aws::{
-    AmiBake, AwsSettings, BakedAmi, Error, SourceAmi, bake, deregister, find_baked, inputs_hash,
-    resolve_source, sdk_config,
+    AmiBake, BakedAmi, Error, SourceAmi, bake, deregister, find_baked, inputs_hash, resolve_source,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn moto_url() -> String {
-    let Ok(url) = std::env::var("KILN_MOTO_URL") else {
-        panic!(
-            "KILN_MOTO_URL is not set: these tests need a moto server. Run them through \
-             scripts/test.sh, which installs and starts one, or start one yourself \
-             (moto_server -H 127.0.0.1 -p 5055) and export KILN_MOTO_URL=http://127.0.0.1:5055"
-        );
-    };
-    url
-}
-
-/// The SDK configured for `url`: static fake credentials, no retries.
-async fn conf_at(url: String) -> SdkConfig {
-    let settings = AwsSettings {
-        region: "us-east-1".to_owned(),
-        endpoint_url: Some(url),
-    };
-    sdk_config(&settings)
-        .await
-        .into_builder()
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "kiln-tests",
-        )))
-        .retry_config(RetryConfig::standard().with_max_attempts(1))
-        .build()
-}
-
-/// The SDK configured for moto.
-async fn conf() -> SdkConfig {
-    conf_at(moto_url()).await
-}
-
-fn uid() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
 
 fn filter(name: &str, value: &str) -> Filter {
     Filter::builder().name(name).values(value).build()
@@ -89,14 +49,22 @@ fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The service and operation of an [`Error::Aws`]; any other error fails the test.
+fn aws_call(err: &Error) -> (&'static str, &'static str) {
+    let Error::Aws {
+        service, operation, ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    (*service, *operation)
+}
+
 /// The filter of one of moto's public AMIs (two images match it).
 fn moto_public_source() -> SourceAmi {
     SourceAmi::Filter {
         filters: BTreeMap::from([
-            (
-                "name".to_owned(),
-                vec!["al2022-ami-2022.0.20220728.1-kernel-5.15-x86_64".to_owned()],
-            ),
+            ("name".to_owned(), vec![testing::MOTO_AMI_NAME.to_owned()]),
             ("architecture".to_owned(), vec!["x86_64".to_owned()]),
         ]),
         owners: vec!["amazon".to_owned()],
@@ -121,43 +89,11 @@ struct Env {
 
 impl Env {
     async fn new() -> Self {
-        let conf = conf().await;
-        let id = uid();
-        let ec2 = aws_sdk_ec2::Client::new(&conf);
-        let ssm = aws_sdk_ssm::Client::new(&conf);
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&conf)
-                .force_path_style(true)
-                .build(),
-        );
-        let vpc = ec2
-            .create_vpc()
-            .cidr_block("10.0.0.0/16")
-            .send()
-            .await
-            .unwrap();
-        let vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
-        let subnet = ec2
-            .create_subnet()
-            .vpc_id(&vpc)
-            .cidr_block("10.0.1.0/24")
-            .send()
-            .await
-            .unwrap();
-        let subnet = subnet.subnet().unwrap().subnet_id().unwrap().to_owned();
-        let security_group = ec2
-            .create_security_group()
-            .group_name(format!("kiln-builder-{id}"))
-            .description("kiln AMI builder (test)")
-            .vpc_id(&vpc)
-            .send()
-            .await
-            .unwrap()
-            .group_id()
-            .unwrap()
-            .to_owned();
+        let conf = testing::moto_conf().await;
+        let id = testing::unique_id();
+        let net = Network::create(&conf, &format!("builder-{id}")).await;
         let bucket = format!("kiln-ami-{}", &id[..20]);
-        s3.create_bucket().bucket(&bucket).send().await.unwrap();
+        testing::bucket(&conf, &bucket).await;
         // moto never runs the install script, so the archive only has to be unique: its
         // digest names the image.
         let content = format!("not really an OCI archive {id}\n").repeat(64);
@@ -165,14 +101,14 @@ impl Env {
         std::fs::write(&archive, &content).unwrap();
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(content.as_bytes())));
         Self {
+            ec2: aws_sdk_ec2::Client::new(&conf),
+            ssm: aws_sdk_ssm::Client::new(&conf),
+            s3: testing::s3_client(&conf),
             conf,
-            ec2,
-            ssm,
-            s3,
             project: format!("p{}", &id[..12]),
             bucket,
-            subnet,
-            security_group,
+            subnet: net.subnets[0].clone(),
+            security_group: net.security_group,
             archive,
             archive_len: content.len(),
             digest,
@@ -209,19 +145,25 @@ impl Env {
         )
     }
 
-    /// Every instance of this project tagged with `build_id`, with its state.
-    async fn builders(&self, build_id: &str) -> Vec<(String, InstanceStateName)> {
-        let out = self
-            .ec2
-            .describe_instances()
-            .filters(filter("tag:kiln:project", &self.project))
-            .filters(filter("tag:kiln:build-id", build_id))
+    /// HeadObject of the archive in the artifact bucket.
+    async fn head_archive(&self) -> Result<HeadObjectOutput, SdkError<HeadObjectError>> {
+        self.s3
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.object_key())
             .send()
             .await
-            .unwrap();
-        out.reservations()
+    }
+
+    /// Every instance of this project tagged with `build_id`, with its state.
+    async fn builders(&self, build_id: &str) -> Vec<(String, InstanceStateName)> {
+        let filters = [
+            filter("tag:kiln:project", &self.project),
+            filter("tag:kiln:build-id", build_id),
+        ];
+        testing::instances(&self.ec2, filters)
+            .await
             .iter()
-            .flat_map(|r| r.instances())
             .map(|i| {
                 (
                     i.instance_id().unwrap().to_owned(),
@@ -284,7 +226,7 @@ impl Drop for Env {
 #[tokio::test]
 async fn resolve_source_picks_one_image_or_says_why_not() {
     let env = Env::new().await;
-    let id = uid();
+    let id = testing::unique_id();
 
     // Three images of our own, created a second apart (moto dates have whole seconds).
     let mut own = Vec::new();
@@ -350,10 +292,7 @@ async fn resolve_source_picks_one_image_or_says_why_not() {
         .ec2
         .describe_images()
         .owners("amazon")
-        .filters(filter(
-            "name",
-            "al2022-ami-2022.0.20220728.1-kernel-5.15-x86_64",
-        ))
+        .filters(filter("name", testing::MOTO_AMI_NAME))
         .filters(filter("architecture", "x86_64"))
         .send()
         .await
@@ -472,14 +411,7 @@ async fn bake_builds_tags_and_publishes_the_ami() {
     }
 
     // The archive is in S3 under its digest.
-    let head = env
-        .s3
-        .head_object()
-        .bucket(&env.bucket)
-        .key(env.object_key())
-        .send()
-        .await
-        .unwrap();
+    let head = env.head_archive().await.unwrap();
     assert_eq!(head.content_length(), Some(env.archive_len as i64));
 
     // The builder was tagged, ran the install through SSM, and is gone.
@@ -574,13 +506,7 @@ async fn failures_before_launch_leave_no_builder() {
     let err = bake(&env.conf, &spec).await.unwrap_err();
     assert!(matches!(err, Error::SourceAmi { .. }), "{err:?}");
     assert!(env.builders("b-nosource").await.is_empty());
-    let head = env
-        .s3
-        .head_object()
-        .bucket(&env.bucket)
-        .key(env.object_key())
-        .send()
-        .await;
+    let head = env.head_archive().await;
     assert!(head.is_err(), "nothing uploaded: {head:?}");
 
     // Invalid inputs are refused before any call.
@@ -593,13 +519,7 @@ async fn failures_before_launch_leave_no_builder() {
     let mut spec = env.bake("b-nosubnet");
     spec.subnet = Some("subnet-0000deadbeef0000".to_owned());
     let err = bake(&env.conf, &spec).await.unwrap_err();
-    let Error::Aws {
-        service, operation, ..
-    } = &err
-    else {
-        panic!("{err:?}")
-    };
-    assert_eq!((*service, *operation), ("EC2", "RunInstances"), "{err}");
+    assert_eq!(aws_call(&err), ("EC2", "RunInstances"), "{err}");
     assert!(env.builders("b-nosubnet").await.is_empty());
     assert_eq!(
         find_baked(&env.ec2, &env.project, &env.digest)
@@ -619,13 +539,7 @@ async fn a_failure_after_launch_terminates_the_builder() {
     let err = bake(&proxy.conf().await, &env.bake("b1"))
         .await
         .unwrap_err();
-    let Error::Aws {
-        service, operation, ..
-    } = &err
-    else {
-        panic!("{err:?}")
-    };
-    assert_eq!((*service, *operation), ("SSM", "SendCommand"), "{err}");
+    assert_eq!(aws_call(&err), ("SSM", "SendCommand"), "{err}");
     assert!(err.to_string().contains("injected by the test"), "{err}");
     env.assert_builder_terminated("b1").await;
     assert_eq!(proxy.count("TerminateInstances"), 1);
@@ -876,7 +790,7 @@ impl Proxy {
     async fn start(rule: impl Fn(&str, usize) -> Option<Canned> + Send + Sync + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let upstream = moto_url()
+        let upstream = testing::moto_url()
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_owned();
@@ -897,7 +811,7 @@ impl Proxy {
     }
 
     async fn conf(&self) -> SdkConfig {
-        conf_at(self.url.clone()).await
+        testing::conf_at(&self.url).await
     }
 
     fn seen(&self) -> Vec<String> {

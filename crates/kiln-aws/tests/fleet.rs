@@ -27,44 +27,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aws_config::SdkConfig;
-use aws_config::retry::RetryConfig;
 use aws_sdk_ec2::types::{InstanceStateName, ResourceType};
-use aws_sdk_elasticloadbalancingv2::error::ProvideErrorMetadata;
-use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, Rule};
-use aws_sdk_s3::config::{Credentials, SharedCredentialsProvider};
-use base64::Engine as _;
-use kiln_aws::{
-    AwsSettings, AwsTarget, Error, Fleet, InstanceState, ReleaseResources, ReleaseSpec, RouteSpec,
-    TargetHealth, sdk_config,
+use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_elasticloadbalancingv2::operation::describe_target_groups::{
+    DescribeTargetGroupsError, DescribeTargetGroupsOutput,
 };
-
-/// The SDK configured for moto: static fake credentials, no retries.
-async fn conf() -> SdkConfig {
-    let Ok(url) = std::env::var("KILN_MOTO_URL") else {
-        panic!(
-            "KILN_MOTO_URL is not set: these tests need a moto server. Run them through \
-             scripts/test.sh, which installs and starts one, or start one yourself \
-             (moto_server -H 127.0.0.1 -p 5055) and export KILN_MOTO_URL=http://127.0.0.1:5055"
-        );
-    };
-    let settings = AwsSettings {
-        region: "us-east-1".to_owned(),
-        endpoint_url: Some(url),
-    };
-    sdk_config(&settings)
-        .await
-        .into_builder()
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "kiln-tests",
-        )))
-        .retry_config(RetryConfig::standard().with_max_attempts(1))
-        .build()
-}
+use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, Rule};
+use base64::Engine as _;
+use kiln_aws::testing::{self, Network};
+use kiln_aws::{
+    AwsTarget, Error, Fleet, InstanceState, ReleaseResources, ReleaseSpec, RouteSpec, TargetHealth,
+};
 
 /// A fresh VPC with two subnets and a security group, an AMI moto knows, and the fleet of a
 /// fresh project on them.
@@ -82,59 +55,14 @@ struct Env {
 
 impl Env {
     async fn new() -> Self {
-        let conf = conf().await;
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let project = format!("t{}", &id[..10]);
-        let ec2 = aws_sdk_ec2::Client::new(&conf);
-        let vpc = ec2
-            .create_vpc()
-            .cidr_block("10.20.0.0/16")
-            .send()
-            .await
-            .unwrap()
-            .vpc()
-            .unwrap()
-            .vpc_id()
-            .unwrap()
-            .to_owned();
-        let mut subnets = Vec::new();
-        for (cidr, zone) in [
-            ("10.20.1.0/24", "us-east-1a"),
-            ("10.20.2.0/24", "us-east-1b"),
-        ] {
-            let out = ec2
-                .create_subnet()
-                .vpc_id(&vpc)
-                .cidr_block(cidr)
-                .availability_zone(zone)
-                .send()
-                .await
-                .unwrap();
-            subnets.push(out.subnet().unwrap().subnet_id().unwrap().to_owned());
-        }
-        let sg = ec2
-            .create_security_group()
-            .group_name(format!("kiln-{project}"))
-            .description("kiln fleet tests")
-            .vpc_id(&vpc)
-            .send()
-            .await
-            .unwrap()
-            .group_id()
-            .unwrap()
-            .to_owned();
-        // moto ships a set of Amazon-owned AMIs.
-        let ami = ec2
-            .describe_images()
-            .owners("amazon")
-            .send()
-            .await
-            .unwrap()
-            .images()
-            .iter()
-            .find_map(|i| i.image_id())
-            .expect("moto knows no Amazon AMI")
-            .to_owned();
+        let conf = testing::moto_conf().await;
+        let project = format!("t{}", &testing::unique_id()[..10]);
+        let Network {
+            vpc,
+            subnets,
+            security_group: sg,
+            ami,
+        } = Network::create(&conf, &project).await;
         let target = AwsTarget {
             vpc_id: None,
             subnets: subnets.clone(),
@@ -152,9 +80,9 @@ impl Env {
         };
         let fleet = Fleet::new(&conf, &project, target);
         Self {
+            ec2: aws_sdk_ec2::Client::new(&conf),
             asg: aws_sdk_autoscaling::Client::new(&conf),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&conf),
-            ec2,
             project,
             vpc,
             subnets,
@@ -188,6 +116,23 @@ impl Env {
             .auto_scaling_groups()
             .first()
             .cloned()
+    }
+
+    /// DescribeTargetGroups for the one target group `arn`.
+    async fn target_groups(
+        &self,
+        arn: &str,
+    ) -> Result<DescribeTargetGroupsOutput, SdkError<DescribeTargetGroupsError>> {
+        self.elb
+            .describe_target_groups()
+            .target_group_arns(arn)
+            .send()
+            .await
+    }
+
+    /// The target health of a target group, as the fleet reads it.
+    async fn health(&self, tg_arn: &str) -> BTreeMap<String, TargetHealth> {
+        self.fleet.target_health(tg_arn).await.unwrap()
     }
 
     async fn lt_versions(&self, lt_id: &str) -> Vec<aws_sdk_ec2::types::LaunchTemplateVersion> {
@@ -375,13 +320,7 @@ async fn ensure_release_creates_a_release_once() {
     );
 
     // The target group.
-    let tgs = env
-        .elb
-        .describe_target_groups()
-        .target_group_arns(&rel.target_group_arn)
-        .send()
-        .await
-        .unwrap();
+    let tgs = env.target_groups(&rel.target_group_arn).await.unwrap();
     let tg = &tgs.target_groups()[0];
     assert_eq!(
         tg.target_group_name(),
@@ -546,11 +485,7 @@ async fn instances_are_launched_once_and_terminated() {
         registered,
         BTreeMap::from([(a.as_str(), Some(8080)), (b.as_str(), Some(8080))])
     );
-    let by_fleet = env
-        .fleet
-        .target_health(&rel.target_group_arn)
-        .await
-        .unwrap();
+    let by_fleet = env.health(&rel.target_group_arn).await;
     assert_eq!(
         by_fleet.keys().collect::<Vec<_>>(),
         BTreeSet::from([&a, &b]).into_iter().collect::<Vec<_>>()
@@ -569,26 +504,11 @@ async fn instances_are_launched_once_and_terminated() {
         (group.desired_capacity(), group.instances().len()),
         (Some(2), 2)
     );
-    let tagged = env
-        .ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:kiln:project")
-                .values(&env.project)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        tagged
-            .reservations()
-            .iter()
-            .map(|r| r.instances().len())
-            .sum::<usize>(),
-        2
-    );
+    let by_tag = aws_sdk_ec2::types::Filter::builder()
+        .name("tag:kiln:project")
+        .values(&env.project)
+        .build();
+    assert_eq!(testing::instances(&env.ec2, [by_tag]).await.len(), 2);
 
     // What the fleet reads back.
     let views = env.fleet.instances().await.unwrap();
@@ -656,11 +576,7 @@ async fn instances_are_launched_once_and_terminated() {
         .deregister(&rel.target_group_arn, &b)
         .await
         .unwrap();
-    let health = env
-        .fleet
-        .target_health(&rel.target_group_arn)
-        .await
-        .unwrap();
+    let health = env.health(&rel.target_group_arn).await;
     assert!(
         !matches!(health.get(&b), Some(TargetHealth::Healthy)),
         "{health:?}"
@@ -669,11 +585,7 @@ async fn instances_are_launched_once_and_terminated() {
         .register(&rel.target_group_arn, &b, 8080)
         .await
         .unwrap();
-    let health = env
-        .fleet
-        .target_health(&rel.target_group_arn)
-        .await
-        .unwrap();
+    let health = env.health(&rel.target_group_arn).await;
     assert!(health.contains_key(&b), "{health:?}");
 }
 
@@ -828,13 +740,7 @@ async fn balancers_route_by_weight_path_and_preview() {
     assert_eq!(env.fleet.routes(&bal).await.unwrap(), routes);
     // Now the release can go, its group having gone on the first try.
     env.fleet.delete_release("api", 1).await.unwrap();
-    let gone = env
-        .elb
-        .describe_target_groups()
-        .target_group_arns(t3)
-        .send()
-        .await
-        .unwrap_err();
+    let gone = env.target_groups(t3).await.unwrap_err();
     assert_eq!(gone.code(), Some("TargetGroupNotFound"));
 
     // No routes: the fixed 503 again.
@@ -905,13 +811,7 @@ async fn groups_show_capacity_and_releases_are_deleted() {
     // launch template version.
     env.fleet.delete_release("worker", 1).await.unwrap();
     assert!(env.group(&rel.asg_name).await.is_none());
-    let gone = env
-        .elb
-        .describe_target_groups()
-        .target_group_arns(&rel.target_group_arn)
-        .send()
-        .await
-        .unwrap_err();
+    let gone = env.target_groups(&rel.target_group_arn).await.unwrap_err();
     assert_eq!(gone.code(), Some("TargetGroupNotFound"));
     let versions = env.lt_versions(&rel.launch_template_id).await;
     assert_eq!(versions.len(), 1);

@@ -9,14 +9,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_config::SdkConfig;
-use aws_config::retry::RetryConfig;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
-use aws_sdk_s3::config::{Credentials, SharedCredentialsProvider};
-use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
-use kiln_aws::{AwsSettings, Current, Error, Lease, LockRequest, S3State, WriteMeta, sdk_config};
+use aws_sdk_dynamodb::types::AttributeValue;
+use kiln_aws::{Current, Error, Lease, LockRequest, S3State, WriteMeta, testing};
 use serde_json::json;
 
 const T0: Duration = Duration::from_secs(1_800_000_000);
@@ -24,33 +18,6 @@ const LEASE: Duration = Duration::from_secs(30);
 
 fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + T0 + Duration::from_secs(secs)
-}
-
-/// The SDK configured for moto: static fake credentials, no retries.
-async fn conf() -> SdkConfig {
-    let Ok(url) = std::env::var("KILN_MOTO_URL") else {
-        panic!(
-            "KILN_MOTO_URL is not set: these tests need a moto server. Run them through \
-             scripts/test.sh, which installs and starts one, or start one yourself \
-             (moto_server -H 127.0.0.1 -p 5055) and export KILN_MOTO_URL=http://127.0.0.1:5055"
-        );
-    };
-    let settings = AwsSettings {
-        region: "us-east-1".to_owned(),
-        endpoint_url: Some(url),
-    };
-    sdk_config(&settings)
-        .await
-        .into_builder()
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "kiln-tests",
-        )))
-        .retry_config(RetryConfig::standard().with_max_attempts(1))
-        .build()
 }
 
 /// A fresh versioned bucket and lock table, and the state `state.json` in them.
@@ -65,47 +32,14 @@ struct Env {
 
 impl Env {
     async fn new() -> Self {
-        let conf = conf().await;
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let conf = testing::moto_conf().await;
+        let id = testing::unique_id();
         let bucket = format!("kiln-test-{}", &id[..20]);
         let table = format!("kiln-locks-{id}");
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&conf)
-                .force_path_style(true)
-                .build(),
-        );
-        s3.create_bucket().bucket(&bucket).send().await.unwrap();
-        s3.put_bucket_versioning()
-            .bucket(&bucket)
-            .versioning_configuration(
-                VersioningConfiguration::builder()
-                    .status(BucketVersioningStatus::Enabled)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
+        testing::versioned_bucket(&conf, &bucket).await;
+        testing::lock_table(&conf, &table).await;
+        let s3 = testing::s3_client(&conf);
         let ddb = aws_sdk_dynamodb::Client::new(&conf);
-        ddb.create_table()
-            .table_name(&table)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("LockID")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("LockID")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .unwrap(),
-            )
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await
-            .unwrap();
         let state = S3State::new(&conf, &bucket, "state.json", &table);
         Self {
             conf,

@@ -27,6 +27,8 @@ fn setup() -> Setup {
                 conformance::EXIT_CODE.to_string(),
             ],
             log_dir: dir.path().to_owned(),
+            reachable: true,
+            release_info: kiln_driver::ReleaseInfo::default(),
         },
         keep: vec![Box::new(dir)],
     }

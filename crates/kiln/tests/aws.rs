@@ -18,38 +18,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
-use aws_config::retry::RetryConfig;
-use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
-use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::Filter;
 use harness::{Project, Run, wait_for};
-
-fn moto_url() -> String {
-    std::env::var("KILN_MOTO_URL").unwrap_or_else(|_| {
-        panic!(
-            "KILN_MOTO_URL is not set: this test needs a moto server. Run it through \
-             scripts/test.sh, which installs and starts one"
-        )
-    })
-}
-
-/// The SDK as the test uses it: moto, fake credentials, no retries.
-fn conf(rt: &tokio::runtime::Runtime) -> SdkConfig {
-    rt.block_on(async {
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(moto_url())
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "test",
-                "test",
-                None,
-                None,
-                "kiln-tests",
-            )))
-            .retry_config(RetryConfig::standard().with_max_attempts(1))
-            .load()
-            .await
-    })
-}
+use kiln_aws::testing::{self, Network};
 
 /// The network, bucket and source AMI a project on AWS needs, made with the SDK.
 struct Account {
@@ -68,72 +39,22 @@ impl Account {
             .enable_all()
             .build()
             .unwrap();
-        let conf = conf(&rt);
-        let suffix = &uuid_hex()[..8];
+        let conf = rt.block_on(testing::moto_conf());
+        let suffix = &testing::unique_id()[..8];
         let project = format!("shop{suffix}");
-        let ec2 = aws_sdk_ec2::Client::new(&conf);
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&conf)
-                .force_path_style(true)
-                .build(),
-        );
         let bucket = format!("kiln-artifacts-{suffix}");
-        let (subnets, security_group, source_ami) = rt.block_on(async {
-            let vpc = ec2
-                .create_vpc()
-                .cidr_block("10.20.0.0/16")
-                .send()
-                .await
-                .unwrap();
-            let vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
-            let mut subnets = Vec::new();
-            for (cidr, zone) in [
-                ("10.20.1.0/24", "us-east-1a"),
-                ("10.20.2.0/24", "us-east-1b"),
-            ] {
-                let s = ec2
-                    .create_subnet()
-                    .vpc_id(&vpc)
-                    .cidr_block(cidr)
-                    .availability_zone(zone)
-                    .send()
-                    .await
-                    .unwrap();
-                subnets.push(s.subnet().unwrap().subnet_id().unwrap().to_owned());
-            }
-            let sg = ec2
-                .create_security_group()
-                .group_name(format!("kiln-{suffix}"))
-                .description("kiln test")
-                .vpc_id(&vpc)
-                .tag_specifications(
-                    TagSpecification::builder()
-                        .resource_type(ResourceType::SecurityGroup)
-                        .tags(Tag::builder().key("test").value("kiln").build())
-                        .build(),
-                )
-                .send()
-                .await
-                .unwrap();
-            s3.create_bucket().bucket(&bucket).send().await.unwrap();
-            let images = ec2.describe_images().owners("amazon").send().await.unwrap();
-            let ami = images
-                .images()
-                .iter()
-                .filter_map(|i| i.image_id())
-                .min()
-                .unwrap()
-                .to_owned();
-            (subnets, sg.group_id().unwrap().to_owned(), ami)
+        let network = rt.block_on(async {
+            testing::bucket(&conf, &bucket).await;
+            Network::create(&conf, suffix).await
         });
         Self {
             rt,
             conf,
             project,
-            subnets,
-            security_group,
+            subnets: network.subnets,
+            security_group: network.security_group,
             bucket,
-            source_ami,
+            source_ami: network.ami,
         }
     }
 
@@ -143,6 +64,7 @@ impl Account {
 project = "{project}"
 
 variable "greeting" {{ default = "one" }}
+variable "strategy" {{ default = "canary" }}
 
 target "aws" {{
   region          = "us-east-1"
@@ -176,7 +98,8 @@ service "web" {{
     interval = "1s"
   }}
   rollout {{
-    strategy         = "canary"
+    strategy         = var.strategy
+    auto_promote     = false
     steps            = [{{ weight = 25, pause = "3s" }}]
     min_healthy_time = "0s"
     scale_down_delay = "10m"
@@ -192,7 +115,7 @@ balancer "public" {{
 }}
 "#,
             project = self.project,
-            moto = moto_url(),
+            moto = testing::moto_url(),
             s1 = self.subnets[0],
             s2 = self.subnets[1],
             sg = self.security_group,
@@ -205,43 +128,84 @@ balancer "public" {{
         aws_sdk_ec2::Client::new(&self.conf)
     }
 
-    /// The listener's forward weights, by release (from the target groups' `kiln:release`).
+    /// The balancer's listener, once kiln made it.
+    async fn listener(
+        &self,
+        elb: &aws_sdk_elasticloadbalancingv2::Client,
+    ) -> Option<aws_sdk_elasticloadbalancingv2::types::Listener> {
+        let name = format!("k-{}-public", self.project);
+        let lbs = elb
+            .describe_load_balancers()
+            .names(&name)
+            .send()
+            .await
+            .ok()?;
+        let lb = lbs.load_balancers().first()?;
+        let listeners = elb
+            .describe_listeners()
+            .load_balancer_arn(lb.load_balancer_arn()?)
+            .send()
+            .await
+            .unwrap();
+        listeners.listeners().first().cloned()
+    }
+
+    /// The release a target group belongs to (its `kiln:release` tag).
+    async fn release_of(elb: &aws_sdk_elasticloadbalancingv2::Client, arn: &str) -> u32 {
+        let tags = elb.describe_tags().resource_arns(arn).send().await.unwrap();
+        tags.tag_descriptions()[0]
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("kiln:release"))
+            .and_then(|t| t.value()?.parse().ok())
+            .unwrap()
+    }
+
+    /// The listener's forward weights, by release.
     fn listener_weights(&self) -> BTreeMap<u32, i32> {
         let elb = aws_sdk_elasticloadbalancingv2::Client::new(&self.conf);
-        let name = format!("k-{}-public", self.project);
         self.rt.block_on(async {
-            let Ok(lbs) = elb.describe_load_balancers().names(&name).send().await else {
-                return BTreeMap::new();
-            };
-            let Some(lb) = lbs.load_balancers().first() else {
-                return BTreeMap::new();
-            };
-            let listeners = elb
-                .describe_listeners()
-                .load_balancer_arn(lb.load_balancer_arn().unwrap())
-                .send()
-                .await
-                .unwrap();
             let mut weights = BTreeMap::new();
-            for l in listeners.listeners() {
-                for a in l.default_actions() {
-                    let Some(fwd) = a.forward_config() else {
-                        continue;
-                    };
-                    for t in fwd.target_groups() {
-                        let arn = t.target_group_arn().unwrap();
-                        let tags = elb.describe_tags().resource_arns(arn).send().await.unwrap();
-                        let release = tags.tag_descriptions()[0]
-                            .tags()
-                            .iter()
-                            .find(|t| t.key() == Some("kiln:release"))
-                            .and_then(|t| t.value()?.parse().ok())
-                            .unwrap();
-                        weights.insert(release, t.weight().unwrap_or(1));
-                    }
+            let Some(listener) = self.listener(&elb).await else {
+                return weights;
+            };
+            for a in listener.default_actions() {
+                let Some(fwd) = a.forward_config() else {
+                    continue;
+                };
+                for t in fwd.target_groups() {
+                    let release = Self::release_of(&elb, t.target_group_arn().unwrap()).await;
+                    weights.insert(release, t.weight().unwrap_or(1));
                 }
             }
             weights
+        })
+    }
+
+    /// The release the listener's preview rule (`X-Kiln-Preview: 1`) sends requests to.
+    fn preview_release(&self) -> Option<u32> {
+        let elb = aws_sdk_elasticloadbalancingv2::Client::new(&self.conf);
+        self.rt.block_on(async {
+            let listener = self.listener(&elb).await?;
+            let rules = elb
+                .describe_rules()
+                .listener_arn(listener.listener_arn()?)
+                .send()
+                .await
+                .unwrap();
+            for rule in rules.rules() {
+                let header = rule.conditions().iter().any(|c| {
+                    c.http_header_config().is_some_and(|h| {
+                        h.http_header_name() == Some("X-Kiln-Preview") && h.values() == ["1"]
+                    })
+                });
+                if header {
+                    let fwd = rule.actions().first()?.forward_config()?;
+                    let arn = fwd.target_groups().first()?.target_group_arn()?;
+                    return Some(Self::release_of(&elb, arn).await);
+                }
+            }
+            None
         })
     }
 
@@ -272,27 +236,20 @@ balancer "public" {{
     fn instances(&self) -> Vec<(String, String, String)> {
         let ec2 = self.ec2();
         self.rt.block_on(async {
-            let out = ec2
-                .describe_instances()
-                .filters(
-                    Filter::builder()
-                        .name("tag:kiln:project")
-                        .values(&self.project)
-                        .build(),
-                )
-                .filters(
-                    Filter::builder()
-                        .name("instance-state-name")
-                        .values("running")
-                        .values("pending")
-                        .build(),
-                )
-                .send()
+            let filters = [
+                Filter::builder()
+                    .name("tag:kiln:project")
+                    .values(&self.project)
+                    .build(),
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .values("pending")
+                    .build(),
+            ];
+            testing::instances(&ec2, filters)
                 .await
-                .unwrap();
-            out.reservations()
                 .iter()
-                .flat_map(|r| r.instances())
                 .map(|i| {
                     let tag = |k: &str| {
                         i.tags()
@@ -311,10 +268,6 @@ balancer "public" {{
                 .collect()
         })
     }
-}
-
-fn uuid_hex() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
 }
 
 const AWS_ENV: &[(&str, &str)] = &[
@@ -499,55 +452,80 @@ fn bake_deploy_canary_and_rollback_on_aws() {
         "{:?}",
         kiln(&p, &["drift"])
     );
+
+    // Blue/green: v3 comes up at full size behind a preview rule while v1 keeps every
+    // request, then `kiln rollout promote` moves everything in one switch.
+    kiln(
+        &p,
+        &[
+            "apply",
+            "-var",
+            "greeting=three",
+            "-var",
+            "strategy=blue_green",
+            "--auto-approve",
+            "--detach",
+        ],
+    )
+    .ok();
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            aws.preview_release() == Some(3) && aws.group(3).is_some_and(|(d, _)| d == 2)
+        }),
+        "preview {:?}, v3 group {:?}",
+        aws.preview_release(),
+        aws.group(3)
+    );
+    let before = aws.listener_weights();
+    assert_eq!(
+        before
+            .iter()
+            .filter(|(_, w)| **w > 0)
+            .map(|(r, _)| *r)
+            .collect::<Vec<_>>(),
+        [1],
+        "v1 serves everything during the preview: {before:?}"
+    );
+    let switch = std::thread::scope(|s| {
+        let promote = s.spawn(|| kiln(&p, &["rollout", "promote", "web", "--auto-approve"]));
+        let mut seen = vec![before.clone()];
+        let done = wait_for(Duration::from_secs(60), || {
+            let w = aws.listener_weights();
+            if seen.last() != Some(&w) {
+                seen.push(w.clone());
+            }
+            w.iter()
+                .filter(|(_, w)| **w > 0)
+                .map(|(r, _)| *r)
+                .collect::<Vec<_>>()
+                == [3]
+        });
+        promote.join().unwrap().ok();
+        assert!(done, "{seen:?}");
+        seen
+    });
+    // One switch: no state in between where both releases take requests.
+    assert!(
+        switch
+            .iter()
+            .all(|w| w.values().filter(|weight| **weight > 0).count() <= 1),
+        "{switch:?}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || aws.preview_release().is_none()),
+        "the preview rule goes once v3 is promoted"
+    );
 }
 
 impl Account {
     /// A versioned state bucket and a lock table; returns the `backend "s3"` block.
     fn backend(&self) -> String {
-        let suffix = &uuid_hex()[..8];
+        let suffix = &testing::unique_id()[..8];
         let bucket = format!("kiln-state-{suffix}");
         let table = format!("kiln-locks-{suffix}");
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&self.conf)
-                .force_path_style(true)
-                .build(),
-        );
-        let ddb = aws_sdk_dynamodb::Client::new(&self.conf);
         self.rt.block_on(async {
-            s3.create_bucket().bucket(&bucket).send().await.unwrap();
-            s3.put_bucket_versioning()
-                .bucket(&bucket)
-                .versioning_configuration(
-                    aws_sdk_s3::types::VersioningConfiguration::builder()
-                        .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
-                        .build(),
-                )
-                .send()
-                .await
-                .unwrap();
-            use aws_sdk_dynamodb::types::{
-                AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-            };
-            ddb.create_table()
-                .table_name(&table)
-                .billing_mode(BillingMode::PayPerRequest)
-                .attribute_definitions(
-                    AttributeDefinition::builder()
-                        .attribute_name("LockID")
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()
-                        .unwrap(),
-                )
-                .key_schema(
-                    KeySchemaElement::builder()
-                        .attribute_name("LockID")
-                        .key_type(KeyType::Hash)
-                        .build()
-                        .unwrap(),
-                )
-                .send()
-                .await
-                .unwrap();
+            testing::versioned_bucket(&self.conf, &bucket).await;
+            testing::lock_table(&self.conf, &table).await;
         });
         format!(
             r#"
@@ -560,7 +538,7 @@ backend "s3" {{
 }}
 "#,
             project = self.project,
-            moto = moto_url(),
+            moto = testing::moto_url(),
         )
     }
 
@@ -576,11 +554,7 @@ backend "s3" {{
                 .unwrap()
         };
         let (bucket, key) = (field("bucket"), field("key"));
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&self.conf)
-                .force_path_style(true)
-                .build(),
-        );
+        let s3 = testing::s3_client(&self.conf);
         self.rt.block_on(async {
             let object = s3
                 .get_object()

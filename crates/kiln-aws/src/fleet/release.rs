@@ -456,7 +456,7 @@ impl Fleet {
     }
 
     /// Suspends the processes of group `name` that kiln needs suspended
-    /// ([`SUSPENDED_PROCESSES`]) again, e.g. after someone resumed them.
+    /// ([`crate::SUSPENDED_PROCESSES`]) again, e.g. after someone resumed them.
     pub async fn suspend_processes(&self, name: &str) -> Result<()> {
         self.autoscaling
             .suspend_processes()

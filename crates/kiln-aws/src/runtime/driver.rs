@@ -142,6 +142,16 @@ fn systemd_unquote(value: &str) -> String {
     out
 }
 
+/// Reads back the command [`user_data`] wrote, one argument per line.
+fn args_of_user_data(text: &str) -> Vec<String> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("cat > /etc/kiln/app.cmd"))
+        .skip(1)
+        .take_while(|l| *l != "KILN_CMD")
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Reads back the environment [`user_data`] wrote (for drift checks).
 fn env_of_user_data(text: &str) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -303,7 +313,10 @@ impl Driver for AwsDriver {
         }
         Ok(Observed {
             env,
-            args: Vec::new(),
+            args: user_data
+                .as_deref()
+                .map(args_of_user_data)
+                .unwrap_or_default(),
             rootfs: None,
             root_is_rootfs: None,
             pid: None,
@@ -393,8 +406,13 @@ impl Driver for AwsDriver {
                 instance_id: i.instance_id,
                 asg,
                 target_group,
+                // As `start` recorded them: the same values while nothing drifted.
+                launch_template_version: i
+                    .launch_template
+                    .as_ref()
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or_default(),
                 ami: i.image_id.unwrap_or_default(),
-                launch_template_version: 0,
             };
             handles.push(Handle {
                 id,
@@ -534,6 +552,7 @@ mod tests {
         assert_eq!(env.get("EMPTY").map(String::as_str), Some(""));
         assert_eq!(env.get("PORT").map(String::as_str), Some("8080"));
         assert!(!env.contains_key("KILN_INSTANCE_ID"), "{text}");
+        assert_eq!(args_of_user_data(&text), spec.args);
         assert!(
             text.contains("\n/bin/sh\n-c\nexec httpd -p \"$PORT\"\nKILN_CMD\n"),
             "{text}"

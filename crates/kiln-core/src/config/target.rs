@@ -330,8 +330,12 @@ impl Loader<'_> {
         Some(text)
     }
 
+    /// An emulator's URL; `""` means none (AWS itself), so a variable can switch it off.
     fn endpoint_url(&mut self, value: &Value, at: &At<'_>) -> Option<String> {
         let text = self.string(value, at)?;
+        if text.is_empty() {
+            return None;
+        }
         let rest = text
             .strip_prefix("http://")
             .or_else(|| text.strip_prefix("https://"));

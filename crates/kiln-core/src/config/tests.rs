@@ -1346,3 +1346,40 @@ service "api" {
               = help: add `target = target.aws` to service `api`"#]],
     );
 }
+
+#[test]
+fn the_aws_example_loads_with_its_variables_set() {
+    use crate::model::{Backend, TargetKind};
+    let source = Source {
+        name: "examples/aws/kiln.hcl".into(),
+        text: include_str!("../../../../examples/aws/kiln.hcl").into(),
+    };
+    let overrides = [
+        flag("subnets", r#"["subnet-0a1", "subnet-0b2"]"#),
+        flag("security_group", "sg-0c3"),
+        flag("artifact_bucket", "acme-kiln-artifacts"),
+        flag("state_bucket", "acme-kiln-state"),
+    ];
+    let (config, diags) = load(&source, &overrides);
+    let rendered: Vec<String> = diags.iter().map(ToString::to_string).collect();
+    assert!(diags.is_empty(), "{}", rendered.join("\n"));
+    let config = config.unwrap();
+    assert_eq!(config.target(), TargetKind::Aws);
+    let aws = config.aws.as_ref().unwrap();
+    // An empty endpoint_url is AWS itself.
+    assert_eq!(aws.endpoint_url, None);
+    assert_eq!(aws.subnets, ["subnet-0a1", "subnet-0b2"]);
+    let Some(Backend::S3(s3)) = &config.backend else {
+        panic!("the example keeps its state in S3");
+    };
+    assert_eq!(s3.bucket, "acme-kiln-state");
+    // Without the variables it says which are missing.
+    let (config, diags) = load(&source, &[]);
+    assert!(config.is_none());
+    let missing: Vec<&str> = diags
+        .iter()
+        .filter(|d| d.message.contains("has no value"))
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(missing.len(), 4, "{diags:?}");
+}

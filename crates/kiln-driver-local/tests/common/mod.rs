@@ -86,6 +86,8 @@ impl Scratch {
                 format!("exit {}", conformance::EXIT_CODE),
             ],
             log_dir: self.dir.path().join("logs"),
+            reachable: true,
+            release_info: kiln_driver::ReleaseInfo::default(),
         }
     }
     pub fn driver(&self, sandbox: Option<Sandbox>) -> LocalDriver {
