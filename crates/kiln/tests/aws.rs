@@ -182,6 +182,46 @@ balancer "public" {{
         })
     }
 
+    /// Sets the listener's weights by hand, as someone in the console would: `weights` by
+    /// release, for the target groups the listener forwards to now.
+    fn set_weights_by_hand(&self, weights: &BTreeMap<u32, i32>) {
+        use aws_sdk_elasticloadbalancingv2::types::{
+            Action, ActionTypeEnum, ForwardActionConfig, TargetGroupTuple,
+        };
+        let elb = aws_sdk_elasticloadbalancingv2::Client::new(&self.conf);
+        self.rt.block_on(async {
+            let listener = self.listener(&elb).await.unwrap();
+            let mut forward = ForwardActionConfig::builder();
+            for a in listener.default_actions() {
+                for t in a
+                    .forward_config()
+                    .map(|f| f.target_groups())
+                    .unwrap_or_default()
+                {
+                    let arn = t.target_group_arn().unwrap();
+                    let release = Self::release_of(&elb, arn).await;
+                    forward = forward.target_groups(
+                        TargetGroupTuple::builder()
+                            .target_group_arn(arn)
+                            .weight(weights.get(&release).copied().unwrap_or(0))
+                            .build(),
+                    );
+                }
+            }
+            elb.modify_listener()
+                .listener_arn(listener.listener_arn().unwrap())
+                .default_actions(
+                    Action::builder()
+                        .r#type(ActionTypeEnum::Forward)
+                        .forward_config(forward.build())
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+
     /// The release the listener's preview rule (`X-Kiln-Preview: 1`) sends requests to.
     fn preview_release(&self) -> Option<u32> {
         let elb = aws_sdk_elasticloadbalancingv2::Client::new(&self.conf);
@@ -514,6 +554,33 @@ fn bake_deploy_canary_and_rollback_on_aws() {
     assert!(
         wait_for(Duration::from_secs(30), || aws.preview_release().is_none()),
         "the preview rule goes once v3 is promoted"
+    );
+
+    // Routing drift: the listener sent back to v1 by hand is found and set back.
+    let serving = |w: &BTreeMap<u32, i32>| {
+        w.iter()
+            .filter(|(_, w)| **w > 0)
+            .map(|(r, _)| *r)
+            .collect::<Vec<_>>()
+    };
+    aws.set_weights_by_hand(&BTreeMap::from([(1, 1)]));
+    assert_eq!(serving(&aws.listener_weights()), [1]);
+    let mut found = None;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let r = kiln(&p, &["drift", "--detailed-exitcode"]);
+            let routing = r.code == 2 && r.stdout.contains("routing");
+            found = Some(r);
+            routing
+        }),
+        "{found:?}"
+    );
+    kiln(&p, &["drift", "--remediate", "--auto-approve"]).ok();
+    assert!(
+        wait_for(Duration::from_secs(30), || serving(&aws.listener_weights())
+            == [3]),
+        "{:?}",
+        aws.listener_weights()
     );
 }
 

@@ -241,6 +241,7 @@ impl Driver for AwsDriver {
             .block(async move { fleet_rt.fleet.launch(&res, &id).await })
             .map_err(|e| Self::runtime_error("start", &spec.id, &e))?;
         rt.remember_instance(&spec.id, &ec2_id);
+        rt.set_state(&ec2_id, InstanceState::Pending);
         let data = AwsHandle {
             instance_id: ec2_id,
             asg: resources.asg_name,
@@ -265,10 +266,10 @@ impl Driver for AwsDriver {
         let seen = rt
             .block({
                 let rt = rt.clone();
-                async move { rt.fleet.instance(&h.instance_id).await }
+                async move { rt.state_of(&h.instance_id).await }
             })
             .map_err(|e| Self::runtime_error("look at", &handle.id, &e))?;
-        Ok(match seen.map(|v| v.state) {
+        Ok(match seen {
             Some(InstanceState::Pending | InstanceState::Running) => Status::Running,
             Some(InstanceState::Terminated) | None => Status::Gone,
             Some(_) => Status::Exited { code: None },
@@ -326,12 +327,14 @@ impl Driver for AwsDriver {
 
     fn stop(&self, handle: &Handle, _grace: Duration) -> Result<(), DriverError> {
         let h = Self::handle_of(handle)?;
+        let ec2_id = h.instance_id.clone();
         let rt = self.rt.clone();
         rt.block({
             let rt = rt.clone();
             async move { rt.fleet.terminate(&h.instance_id).await }
         })
         .map_err(|e| Self::runtime_error("stop", &handle.id, &e))?;
+        self.rt.set_state(&ec2_id, InstanceState::Terminated);
         self.rt.forget_instance(&handle.id);
         Ok(())
     }

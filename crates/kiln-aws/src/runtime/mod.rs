@@ -16,6 +16,7 @@ mod driver;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use aws_config::SdkConfig;
 
@@ -23,7 +24,7 @@ pub use alb::AlbTraffic;
 pub use driver::{AwsDriver, user_data};
 
 use crate::Blocker;
-use crate::fleet::{Fleet, ReleaseResources};
+use crate::fleet::{Fleet, InstanceState, ReleaseResources};
 
 /// What [`AwsDriver`] and [`AlbTraffic`] share.
 #[derive(Debug)]
@@ -33,6 +34,20 @@ pub struct AwsRuntime {
     /// The AWS calls' own runtime.
     rt: Blocker,
     known: Mutex<Known>,
+    /// One look at every instance of the project, answering `status` calls for a moment:
+    /// the engine asks about each instance on every tick, and one DescribeInstances for all
+    /// of them keeps that within AWS's request limits.
+    states: Mutex<States>,
+}
+
+/// How long one look at every instance answers `status` calls.
+const STATES_TTL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+struct States {
+    at: Option<tokio::time::Instant>,
+    /// EC2 id → state; an instance not listed was not seen (terminated, or launched since).
+    states: BTreeMap<String, InstanceState>,
 }
 
 /// What was learnt from AWS or made there, kept to avoid asking again.
@@ -56,6 +71,7 @@ impl AwsRuntime {
             ec2: aws_sdk_ec2::Client::new(conf),
             rt: Blocker::new("kiln-aws")?,
             known: Mutex::new(Known::default()),
+            states: Mutex::new(States::default()),
         }))
     }
 
@@ -93,6 +109,45 @@ impl AwsRuntime {
         self.known()
             .releases
             .insert((service.to_owned(), release), res);
+    }
+
+    /// The state of EC2 instance `id`, from a look at every instance of the project at
+    /// most [`STATES_TTL`] old; an instance that look did not see is asked about alone.
+    pub(crate) async fn state_of(&self, id: &str) -> crate::Result<Option<InstanceState>> {
+        let fresh = |s: &States| s.at.is_some_and(|at| at.elapsed() < STATES_TTL);
+        {
+            let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+            if fresh(&states)
+                && let Some(state) = states.states.get(id)
+            {
+                return Ok(Some(state.clone()));
+            }
+        }
+        let all = self.fleet.instances().await?;
+        let listed = {
+            let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+            states.states = all.into_iter().map(|i| (i.instance_id, i.state)).collect();
+            states.at = Some(tokio::time::Instant::now());
+            states.states.get(id).cloned()
+        };
+        if listed.is_some() {
+            return Ok(listed);
+        }
+        // Not in the project's list: gone, or too new to be listed; ask.
+        let one = self.fleet.instance(id).await?.map(|v| v.state);
+        if let Some(state) = &one {
+            self.set_state(id, state.clone());
+        }
+        Ok(one)
+    }
+
+    /// Records what kiln just did to an instance, so the next `status` says so at once.
+    pub(crate) fn set_state(&self, id: &str, state: InstanceState) {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .states
+            .insert(id.to_owned(), state);
     }
 
     pub(crate) fn forget_release(&self, service: &str, release: u32) {
