@@ -219,14 +219,9 @@ impl Engine {
         let now = clock.now();
         let db = StateStore::open(&cfg.paths.state_db(), now)?;
         let mut current = db.read::<State>()?;
-        let now = match &cfg.remote {
-            Some(remote) => {
-                current = take_remote(remote.as_ref(), &db, current, cfg.remote_wait, now)?;
-                // The lease may have taken a while: idle time counts from here.
-                clock.now()
-            }
-            None => now,
-        };
+        if let Some(remote) = &cfg.remote {
+            current = take_remote(remote.as_ref(), &db, current, cfg.remote_wait, now)?;
+        }
         let images = Store::open(&cfg.store)?;
         let world = World {
             state: current.doc,

@@ -26,6 +26,9 @@ pub async fn serve(engine: Engine) -> Result<()> {
     let paths = engine.shared.cfg.paths.clone();
     let socket = paths.socket();
     let listener = bind_private(&socket)?;
+    // Idle time (for `idle_exit`) counts from when clients can reach the server, not from
+    // the recovery before it.
+    engine.touch();
     std::fs::write(paths.pid_file(), std::process::id().to_string())
         .map_err(Error::io("write", paths.pid_file()))?;
 

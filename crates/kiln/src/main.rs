@@ -3,6 +3,14 @@
 #[cfg(feature = "aws")]
 mod aws;
 mod cmd;
+
+/// What a kiln built without the `aws` feature says when the config needs AWS.
+#[cfg(not(feature = "aws"))]
+pub(crate) fn without_aws(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what} needs a kiln built with AWS support: `cargo build --release --features aws`"
+    )
+}
 mod policy;
 mod project;
 mod ui;

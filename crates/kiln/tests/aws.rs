@@ -676,7 +676,7 @@ fn two_machines_share_the_state_in_s3_one_apply_at_a_time() {
     let env: Vec<(&str, &str)> = AWS_ENV
         .iter()
         .copied()
-        .chain([("KILN_IDLE_EXIT", "3s")])
+        .chain([("KILN_IDLE_EXIT", "5s")])
         .collect();
 
     // Both apply at once: the DynamoDB lock lets one server drive the project; the other

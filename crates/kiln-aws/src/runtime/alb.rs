@@ -89,14 +89,6 @@ impl AlbTraffic {
         traffic
     }
 
-    /// The DNS name of a balancer's load balancer, once made.
-    pub fn dns_name(&self, balancer: &str) -> Option<String> {
-        lock(&self.shared.seen)
-            .balancers
-            .get(balancer)
-            .map(|b| b.dns_name.clone())
-    }
-
     fn want(&self, change: impl FnOnce(&mut Wanted)) {
         let mut wanted = lock(&self.shared.wanted);
         change(&mut wanted);

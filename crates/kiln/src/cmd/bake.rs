@@ -76,10 +76,10 @@ fn bake_ami(
     _store: &Store,
     record: &ImageRecord,
 ) -> Result<()> {
-    anyhow::bail!(
-        "image `{}` is baked on target.aws, but this kiln was built without AWS support; build it with `cargo build --release --features aws`",
+    Err(crate::without_aws(&format!(
+        "image `{}` (target.aws)",
         record.name
-    )
+    )))
 }
 
 /// The settings a bake takes from the environment: `SOURCE_DATE_EPOCH`, git, host, bubblewrap.

@@ -485,9 +485,7 @@ fn migrate_with(
     _force: bool,
     _lock_timeout: Duration,
 ) -> Result<ExitCode> {
-    bail!(
-        "backend \"s3\" needs a kiln built with AWS support: `cargo build --release --features aws`"
-    )
+    Err(crate::without_aws("backend \"s3\""))
 }
 
 /// `kiln state force-unlock ID` on a team backend: removes the backend's lock.
@@ -505,7 +503,5 @@ fn force_unlock_backend(backend: &kiln_core::model::Backend, id: &str) -> Result
 
 #[cfg(not(feature = "aws"))]
 fn force_unlock_backend(_backend: &kiln_core::model::Backend, _id: &str) -> Result<ExitCode> {
-    bail!(
-        "backend \"s3\" needs a kiln built with AWS support: `cargo build --release --features aws`"
-    )
+    Err(crate::without_aws("backend \"s3\""))
 }

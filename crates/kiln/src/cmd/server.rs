@@ -164,23 +164,19 @@ mod aws {
 mod aws {
     use std::sync::Arc;
 
-    use anyhow::{Result, bail};
+    use anyhow::Result;
     use kiln_driver::Driver;
     use kiln_proxy::Traffic;
 
     use crate::project::Project;
 
     pub async fn runtime(_project: &Project) -> Result<(Arc<dyn Driver>, Arc<dyn Traffic>)> {
-        bail!(
-            "this kiln was built without AWS support; build it with `cargo build --release --features aws`"
-        )
+        Err(crate::without_aws("a service on target.aws"))
     }
 
     pub fn remote(
         _backend: &kiln_core::model::Backend,
     ) -> Result<Arc<dyn kiln_engine::remote::RemoteState>> {
-        bail!(
-            "backend \"s3\" needs a kiln built with AWS support: `cargo build --release --features aws`"
-        )
+        Err(crate::without_aws("backend \"s3\""))
     }
 }
